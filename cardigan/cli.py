@@ -1,0 +1,291 @@
+"""The ``cardigan`` command line: publish, work, query, watch, repair."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cardigan.errors import CardiganError
+from config.settings import Settings, load_settings
+
+app = typer.Typer(help="Keep a visual-search index of product images live.", no_args_is_help=True, pretty_exceptions_enable=False)
+dead_app = typer.Typer(help="Dead letters: events that could not be indexed, with their reasons.", no_args_is_help=True)
+stack_app = typer.Typer(help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto).", no_args_is_help=True)
+app.add_typer(dead_app, name="dead")
+app.add_typer(stack_app, name="stack")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except Exception as e:  # noqa: BLE001 - a settings error must read as one, not a traceback
+        err_console.print(f"[red]configuration error:[/] {e}")
+        raise typer.Exit(2) from None
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+
+
+# -- publish ----------------------------------------------------------------------------
+
+
+@app.command()
+def publish(
+    file: str = typer.Argument(..., help="JSON lines file of events, or - for standard input"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Validate and publish events; report rejected lines; exit 1 if any was rejected."""
+    from cardigan.publish import Publisher, read_json_lines
+
+    settings = _settings()
+    pub = Publisher(settings)
+    if file == "-":
+        lines = list(read_json_lines(sys.stdin))
+    else:
+        path = Path(file)
+        if not path.is_file():
+            _fail(f"{file}: no such file")
+        with path.open(encoding="utf-8", errors="replace") as f:
+            lines = list(read_json_lines(f))
+    show = len(lines) > 200 and not as_json
+    with _progress() as prog:
+        task = prog.add_task("publishing", total=len(lines), visible=show)
+        report = pub.publish_many(lines, on_progress=lambda n: prog.advance(task, n))
+    if as_json:
+        print(json.dumps({"published": report.published, "rejected": [r.__dict__ for r in report.rejected]}))
+    else:
+        for r in report.rejected:
+            err_console.print(f"line {r.line}: [red]rejected[/]: {r.reason}")
+        console.print(f"published {report.published}, rejected {len(report.rejected)}")
+    raise typer.Exit(1 if report.rejected else 0)
+
+
+# -- worker -----------------------------------------------------------------------------
+
+
+def worker_argv(settings: Settings, index: int, *, queues: list[str], concurrency: int, loglevel: str) -> list[str]:
+    """The celery command for one worker process (threads pool: one model, many events)."""
+    return [
+        sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--prefetch-multiplier", str(settings.worker.prefetch_multiplier),
+        "-Q", ",".join(queues), "-n", f"cardigan{index}@%h",
+        "--without-gossip", "--without-mingle", "-E", "-l", loglevel,
+    ]  # fmt: skip
+
+
+@app.command()
+def worker(
+    processes: int = typer.Option(1, "--processes", "-p", min=1, help="worker processes (one model each; one per GPU or ~2 cores)"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="events in flight per process (default CARDIGAN_WORKER__CONCURRENCY)"),
+    queues: Optional[str] = typer.Option(None, "--queues", "-Q", help="comma-separated queues (default: live and bulk)"),
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+) -> None:
+    """Run worker processes and restart any that die (a poison message, a crash)."""
+    s = _settings()
+    qs = queues.split(",") if queues else [s.queue, s.bulk_queue]
+    argvs = [worker_argv(s, i, queues=qs, concurrency=concurrency or s.worker.concurrency, loglevel=loglevel) for i in range(processes)]
+    procs: list[subprocess.Popen[bytes]] = [subprocess.Popen(a) for a in argvs]
+    stopping = False
+
+    def _stop(signum: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    while not stopping:
+        time.sleep(0.5)
+        for i, p in enumerate(procs):
+            if p.poll() is not None and not stopping:
+                err_console.print(f"worker {i} exited with {p.returncode}; restarting")
+                procs[i] = subprocess.Popen(argvs[i])
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+# -- queries ----------------------------------------------------------------------------
+
+
+def _hits_out(hits: list[Any], as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps([h.__dict__ for h in hits]))
+        return
+    t = Table(title=title)
+    for col in ("rank", "product", "image", "score", "version", "category"):
+        t.add_column(col)
+    for i, h in enumerate(hits, 1):
+        t.add_row(str(i), h.product_id, str(h.image_index), f"{h.score:.3f}", str(h.version), str(h.attributes.get("category", "")))
+    console.print(t)
+
+
+@app.command()
+def search(
+    image: Path = typer.Argument(..., exists=True, dir_okay=False, help="a photo to search with"),
+    k: int = typer.Option(10, "-k", min=1, max=1000),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Find products that look like this photo."""
+    from cardigan.index import Index
+    from cardigan.query import search_image
+    from encoder import build_encoder
+
+    s = _settings()
+    enc = build_encoder(s.encoder)
+    enc.load()
+    index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+    try:
+        hits = search_image(index, enc, image.read_bytes(), k=k, max_pixels=s.limits.max_image_pixels)
+    except CardiganError as e:
+        _fail(e.reason)
+    _hits_out(hits, as_json, f"products like {image.name}")
+
+
+@app.command()
+def similar(
+    product_id: str = typer.Argument(...),
+    k: int = typer.Option(10, "-k", min=1, max=1000),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Products that look like this one (reads its vectors from the index)."""
+    from cardigan.index import Index
+    from cardigan.query import similar_products
+
+    s = _settings()
+    index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+    try:
+        hits = similar_products(index, product_id, k=k, max_images=s.limits.max_images)
+    except CardiganError as e:
+        _fail(e.reason)
+    _hits_out(hits, as_json, f"similar to {product_id}")
+
+
+# -- status -----------------------------------------------------------------------------
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typer.Option(False, "--no-inspect", help="skip asking workers (faster)")) -> None:
+    """Queues, work in flight, dead letters and collections."""
+    from cardigan.status import collect_status
+    from config.celery_app import create_app
+
+    s = _settings()
+    st = collect_status(s, create_app(s), inspect=not no_inspect)
+    if as_json:
+        print(json.dumps(st))
+        return
+    t = Table(title=f"cardigan status ({st['broker']}, {st['milvus']})", show_header=False)
+    t.add_column("what")
+    t.add_column("value")
+    for q, n in st["queues"].items():
+        t.add_row(f"queue {q}", str(n))
+    if "in_flight" in st:
+        f = st["in_flight"]
+        t.add_row("workers online", ", ".join(f["workers"]) or "none")
+        t.add_row("in flight", f"{f['active']} active, {f['reserved']} prefetched, {f['scheduled']} waiting to retry")
+    t.add_row("dead letters", str(st["dead_letters"]))
+    t.add_row("alias", f"{st['alias']} -> {st['live_collection']}")
+    t.add_row("write targets", ", ".join(st["write_targets"]))
+    for name, c in st["collections"].items():
+        t.add_row(f"collection {name}", f"{c['rows']} vectors" + (" (live)" if c["live"] else ""))
+    t.add_row("drained", "yes" if st["drained"] else "no")
+    console.print(t)
+
+
+# -- dead letters -----------------------------------------------------------------------
+
+
+def _dead_letters() -> Any:
+    from cardigan.deadletter import DeadLetters
+    from cardigan.guard import make_redis
+
+    return DeadLetters(make_redis(_settings().effective_state_url))
+
+
+@dead_app.command("list")
+def dead_list(as_json: bool = typer.Option(False, "--json"), limit: int = typer.Option(100, min=1)) -> None:
+    """Dead letters, oldest first."""
+    items = _dead_letters().list(limit)
+    if as_json:
+        print(json.dumps([d.__dict__ for d in items]))
+        return
+    t = Table(title=f"{len(items)} dead letter(s)")
+    for col in ("id", "time", "product", "kind", "attempts", "reason"):
+        t.add_column(col)
+    for d in items:
+        t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time)), str(d.product_id or "?"), d.kind, str(d.attempts), d.reason)
+    console.print(t)
+
+
+@dead_app.command("show")
+def dead_show(dead_id: str) -> None:
+    """One dead letter in full, with its event."""
+    d = _dead_letters().get(dead_id)
+    if d is None:
+        _fail(f"no dead letter {dead_id!r}; `cardigan dead list` shows the ids")
+    print(json.dumps(d.__dict__, indent=2))
+
+
+@dead_app.command("replay")
+def dead_replay(ids: list[str] = typer.Argument(None), all_: bool = typer.Option(False, "--all")) -> None:
+    """Publish dead letters again through the normal path (the version guard included)."""
+    from cardigan.publish import Publisher
+
+    dl = _dead_letters()
+    items = dl.list() if all_ else [d for i in (ids or []) if (d := dl.get(i))]
+    if not items:
+        _fail("nothing to replay: give ids or --all")
+    pub = Publisher(_settings())
+    ok = failed = 0
+    for d in items:
+        try:
+            pub.publish(d.event)
+        except CardiganError as e:
+            err_console.print(f"{d.id}: still invalid, kept: {e.reason}")
+            failed += 1
+            continue
+        dl.remove([d.id])
+        ok += 1
+    console.print(f"replayed {ok}, kept {failed}")
+    raise typer.Exit(1 if failed else 0)
+
+
+@dead_app.command("purge")
+def dead_purge(yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
+    """Delete every dead letter."""
+    if not yes and not typer.confirm("Delete every dead letter?"):
+        raise typer.Exit(1)
+    console.print(f"purged {_dead_letters().purge()}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Dead letters: events that cannot succeed, kept with their reason until an operator acts.
+
+Stored in the state Redis (a hash of JSON records plus a time index) so every worker writes
+to one place and ``cardigan dead list|show|replay|purge`` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from dataclasses import field as dc_field
+from typing import Any
+
+import redis
+
+_HASH = "cardigan:dead"
+_INDEX = "cardigan:dead:by_time"
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    reason: str
+    kind: str
+    event: Any  # the raw event as received (may be invalid, so not an Event)
+    field: str | None = None
+    attempts: int = 1
+    task_id: str | None = None
+    queue: str | None = None
+    time: float = dc_field(default_factory=time.time)
+
+    @property
+    def product_id(self) -> str | None:
+        return self.event.get("product_id") if isinstance(self.event, dict) else None
+
+
+class DeadLetters:
+    def __init__(self, r: redis.Redis) -> None:
+        self._r = r
+
+    def add(self, *, reason: str, kind: str, event: Any, field: str | None = None, attempts: int = 1, task_id: str | None = None, queue: str | None = None) -> DeadLetter:
+        dl = DeadLetter(id=uuid.uuid4().hex[:12], reason=reason, kind=kind, event=_jsonable(event), field=field, attempts=attempts, task_id=task_id, queue=queue)
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hset(_HASH, dl.id, json.dumps(asdict(dl)))
+        pipe.zadd(_INDEX, {dl.id: dl.time})
+        pipe.execute()
+        return dl
+
+    def list(self, limit: int | None = None) -> list[DeadLetter]:
+        ids = self._r.zrange(_INDEX, 0, -1 if limit is None else limit - 1)
+        if not ids:
+            return []
+        return [DeadLetter(**json.loads(v)) for v in self._r.hmget(_HASH, ids) if v]
+
+    def get(self, id_: str) -> DeadLetter | None:
+        v = self._r.hget(_HASH, id_)
+        return DeadLetter(**json.loads(v)) if v else None
+
+    def remove(self, ids: list[str]) -> int:
+        if not ids:
+            return 0
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hdel(_HASH, *ids)
+        pipe.zrem(_INDEX, *ids)
+        return int(pipe.execute()[0])
+
+    def purge(self) -> int:
+        n = int(self._r.hlen(_HASH))
+        self._r.delete(_HASH, _INDEX)
+        return n
+
+    def count(self) -> int:
+        return int(self._r.hlen(_HASH))
+
+
+def _jsonable(event: Any) -> Any:
+    """Keep what was received, as JSON; bytes that are not text are kept as a repr."""
+    if isinstance(event, bytes):
+        try:
+            event = event.decode("utf-8")
+        except UnicodeDecodeError:
+            return repr(event[:4096])
+    try:
+        json.dumps(event)
+        return event
+    except (TypeError, ValueError):
+        return repr(event)[:4096]

@@ -1,0 +1,134 @@
+"""The event contract: what the catalog publishes, validated before anything else runs.
+
+Validation happens twice: in the publisher (so a producer hears about a bad event at once)
+and in the worker (a producer in another language may skip the first check).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cardigan.errors import InvalidEvent
+
+# Product ids reach Milvus primary keys ("<id>#<n>") and, in tools, filter strings:
+# a strict character set keeps quotes, spaces and filter syntax out by construction.
+PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+MAX_VERSION = 2**62  # fits Milvus INT64 with room; absurd beyond this
+
+
+class ImageRef(BaseModel):
+    """One product photo: where it is and, optionally, where the product is in it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    uri: str = Field(min_length=1, max_length=1024)
+    # JSON arrays arrive as lists: allow list -> tuple here, numbers only.
+    bbox: tuple[float, float, float, float] | None = Field(None, strict=False)
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_scheme(cls, v: str) -> str:
+        if any(ord(c) < 32 or c == "\x7f" for c in v):
+            raise ValueError("must not contain control characters")
+        if v.startswith("s3://"):
+            bucket, _, key = v[5:].partition("/")
+            if not bucket or not key:
+                raise ValueError("must be s3://bucket/key")
+            return v
+        if v.startswith("file://"):
+            return v
+        scheme = v.split(":", 1)[0] if ":" in v else "(none)"
+        raise ValueError(f"scheme {scheme!r} is not allowed: use s3://bucket/key (or file:// under the local root)")
+
+    @field_validator("bbox")
+    @classmethod
+    def _bbox_shape(cls, v: tuple[float, float, float, float] | None) -> tuple[float, ...] | None:
+        if v is None:
+            return v
+        x0, y0, x1, y1 = v
+        if any(c != c or c in (float("inf"), float("-inf")) for c in v):
+            raise ValueError("must be finite numbers")
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"[x0, y0, x1, y1] must have x1 > x0 and y1 > y0, got {list(v)}")
+        return v
+
+
+class Event(BaseModel):
+    """A product now looks like ``images`` (add/modify) or is gone (delete), as of ``version``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["add", "modify", "delete"]
+    product_id: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=0, le=MAX_VERSION)
+    images: list[ImageRef] = Field(default_factory=list)
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    # set by the publisher: when the event entered the system (ms), for freshness metrics
+    published_at_ms: int | None = None
+
+    @field_validator("product_id")
+    @classmethod
+    def _product_id(cls, v: str) -> str:
+        if not PRODUCT_ID_RE.match(v):
+            raise ValueError(
+                "must start with a letter or digit and contain only letters, digits and . _ : - "
+                f"(got {v!r})"
+            )
+        return v
+
+    def keys(self, max_images: int) -> list[str]:
+        """Every primary key this product can own: ``id#0 … id#K-1``."""
+        return [primary_key(self.product_id, i) for i in range(max_images)]
+
+
+def primary_key(product_id: str, index: int) -> str:
+    """Deterministic key: a redelivered event overwrites, never duplicates."""
+    return f"{product_id}#{index}"
+
+
+def _format_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in e["loc"]).replace(".[", "[")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "literal_error" and loc == "type":
+            msg = f"unknown event type {e.get('input')!r}: expected 'add', 'modify' or 'delete'"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc or 'event'}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_event(raw: Any, *, max_images: int, max_id_len: int = 128) -> Event:
+    """Validate one event (a dict, or JSON text); raise InvalidEvent naming the field."""
+    if isinstance(raw, (str, bytes)):
+        try:
+            ev = Event.model_validate_json(raw)
+        except ValidationError as e:
+            if any(x["type"] == "json_invalid" for x in e.errors()):
+                raise InvalidEvent(f"malformed JSON: {e.errors()[0]['msg']}", field="event") from None
+            raise InvalidEvent(_format_error(e), field=_first_field(e)) from None
+    elif isinstance(raw, dict):
+        try:
+            ev = Event.model_validate(raw)
+        except ValidationError as e:
+            raise InvalidEvent(_format_error(e), field=_first_field(e)) from None
+    else:
+        raise InvalidEvent(f"must be a JSON object, got {type(raw).__name__}", field="event")
+    if len(ev.product_id) > max_id_len:
+        raise InvalidEvent(f"longer than {max_id_len} characters", field="product_id")
+    if ev.type == "delete" and ev.images:
+        raise InvalidEvent("a delete carries no images", field="images")
+    if ev.type != "delete" and not ev.images:
+        raise InvalidEvent(f"an {ev.type} needs at least one image", field="images")
+    if len(ev.images) > max_images:
+        raise InvalidEvent(f"{len(ev.images)} images, at most {max_images} allowed", field="images")
+    return ev
+
+
+def _first_field(err: ValidationError) -> str:
+    loc = err.errors()[0]["loc"]
+    return ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc).replace(".[", "[") or "event"

@@ -1,0 +1,201 @@
+"""The Milvus side: collections behind an alias, writes by primary key, searches.
+
+MilvusClient only. Correct on Milvus Lite and on a real server: reads that must see our own
+writes use Strong consistency (a server's default, Bounded, can be stale), and ``delete``'s
+return value is normalised (a list on Lite, ``{"delete_count": n}`` on a server).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from cardigan.errors import IndexUnavailable
+
+log = logging.getLogger(__name__)
+
+DIM = 512
+_VERSIONED = re.compile(r"^(?P<alias>.+)_v(?P<n>\d+)$")
+OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "version", "model_version", "attributes"]
+
+
+def collection_name(alias: str, n: int) -> str:
+    return f"{alias}_v{n}"
+
+
+def collection_number(name: str) -> int:
+    m = _VERSIONED.match(name)
+    return int(m.group("n")) if m else 0
+
+
+def escape_filter_string(value: str) -> str:
+    """Quote a value for a Milvus filter expression; ids are validated first, this is the second lock."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Index:
+    """A MilvusClient bound to one alias (``CARDIGAN_COLLECTION``); thread-safe."""
+
+    def __init__(self, uri: str, *, token: str = "", db_name: str = "", alias: str, timeout: float = 20.0) -> None:
+        self.alias = alias
+        self.timeout = timeout
+        kw: dict[str, Any] = {"uri": uri, "timeout": timeout}
+        if token:
+            kw["token"] = token
+        if db_name:
+            kw["db_name"] = db_name
+        try:
+            self.client = MilvusClient(**kw)
+        except MilvusException as e:
+            raise IndexUnavailable(f"Milvus at {uri} unreachable: {e.message}") from e
+        except Exception as e:  # grpc connection errors surface as plain exceptions
+            raise IndexUnavailable(f"Milvus at {uri} unreachable: {e}") from e
+        self._loaded: set[str] = set()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- collections and the alias -------------------------------------------------------
+
+    def live_collection(self) -> str | None:
+        """The collection the alias points at, or None before first use."""
+        # list first: describe_alias on a missing alias makes pymilvus log a traceback
+        if self.alias not in self.client.list_aliases().get("aliases", []):
+            return None
+        try:
+            return str(self.client.describe_alias(self.alias)["collection_name"])
+        except MilvusException:
+            return None
+
+    def ensure(self) -> str:
+        """Create ``<alias>_v1`` and the alias on first use; make sure it is loaded."""
+        with self._lock:
+            live = self.live_collection()
+            if live is None:
+                live = collection_name(self.alias, 1)
+                self.create_collection(live)
+                try:
+                    self.client.create_alias(live, self.alias)
+                except MilvusException:
+                    live = self.live_collection() or live  # another process won the race
+            self._load(live)
+            return live
+
+    def create_collection(self, name: str) -> None:
+        if self.client.has_collection(name):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=200)
+        schema.add_field("product_id", DataType.VARCHAR, max_length=200)
+        schema.add_field("image_index", DataType.INT64)
+        schema.add_field("image_uri", DataType.VARCHAR, max_length=1100)
+        schema.add_field("version", DataType.INT64)
+        schema.add_field("model_version", DataType.VARCHAR, max_length=128)
+        schema.add_field("attributes", DataType.JSON)
+        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=DIM)
+        idx = self.client.prepare_index_params()
+        idx.add_index(field_name="embedding", index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
+        try:
+            # Session: a worker reads its own writes; searches may pass their own level.
+            self.client.create_collection(name, schema=schema, index_params=idx, consistency_level="Session")
+        except MilvusException:
+            if not self.client.has_collection(name):
+                raise
+        log.info("created Milvus collection %s", name)
+
+    def _load(self, name: str) -> None:
+        # A restarted Milvus Lite server (and a fresh real one) has collections released.
+        if name in self._loaded:
+            return
+        self.client.load_collection(name)
+        self._loaded.add(name)
+
+    def collections(self) -> list[str]:
+        """This alias's collections, oldest first."""
+        names = [c for c in self.client.list_collections() if (m := _VERSIONED.match(c)) and m.group("alias") == self.alias]
+        return sorted(names, key=collection_number)
+
+    def switch_alias(self, name: str) -> None:
+        """Point searches at ``name`` in one atomic step."""
+        self._load(name)
+        self.client.alter_alias(name, self.alias)
+
+    def drop(self, name: str) -> None:
+        self.client.drop_collection(name)
+        self._loaded.discard(name)
+
+    # -- writes ------------------------------------------------------------------------
+
+    def upsert(self, collection: str, rows: Sequence[dict[str, Any]]) -> int:
+        if not rows:
+            return 0
+        res = self._call("upsert", collection, data=list(rows))
+        return int(res.get("upsert_count", len(rows))) if isinstance(res, dict) else len(rows)
+
+    def delete(self, collection: str, ids: Sequence[str]) -> int:
+        """Delete by primary keys (ms), never by filter (hundreds of ms on a server)."""
+        if not ids:
+            return 0
+        res = self._call("delete", collection, ids=list(ids))
+        if isinstance(res, dict):
+            return int(res.get("delete_count", 0))
+        return len(res) if isinstance(res, list) else 0
+
+    def _call(self, op: str, collection: str, **kw: Any) -> Any:
+        try:
+            self._load(collection)
+            return getattr(self.client, op)(collection, timeout=self.timeout, **kw)
+        except MilvusException as e:
+            self._loaded.discard(collection)
+            raise IndexUnavailable(f"Milvus {op} on {collection} failed: {e.message}") from e
+        except Exception as e:  # gRPC UNAVAILABLE and friends
+            self._loaded.discard(collection)
+            raise IndexUnavailable(f"Milvus {op} on {collection} failed: {type(e).__name__}: {e}") from e
+
+    # -- reads -------------------------------------------------------------------------
+
+    def count(self, collection: str | None = None) -> int:
+        """Rows now in a collection; Strong, so it counts writes just made."""
+        name = collection or self.alias
+        res = self._call("query", name, filter="", output_fields=["count(*)"], consistency_level="Strong")
+        return int(res[0]["count(*)"]) if res else 0
+
+    def get(self, ids: Sequence[str], fields: Sequence[str], collection: str | None = None) -> list[dict[str, Any]]:
+        """Rows by primary key: no filter string, so no injection and no scan."""
+        if not ids:
+            return []
+        return [dict(r) for r in self._call("get", collection or self.alias, ids=list(ids), output_fields=list(fields))]
+
+    def get_product(self, product_id: str, max_images: int, collection: str | None = None) -> list[dict[str, Any]]:
+        """A product's rows (all K possible keys), image 0 first."""
+        ids = [f"{product_id}#{i}" for i in range(max_images)]
+        return sorted(self.get(ids, OUTPUT_FIELDS + ["embedding"], collection), key=lambda r: r["image_index"])
+
+    def iter_rows(self, collection: str | None = None, batch: int = 1000, fields: list[str] | None = None) -> Any:
+        """Every row, in pages (for verification and reindex)."""
+        name = collection or self.alias
+        self._load(name)
+        it = self.client.query_iterator(name, batch_size=batch, filter="", output_fields=fields or OUTPUT_FIELDS, consistency_level="Strong")
+        try:
+            while page := it.next():
+                yield from page
+        finally:
+            it.close()
+
+    def search(self, vectors: Sequence[Sequence[float]], k: int, *, collection: str | None = None, consistency: str = "Bounded") -> list[list[dict[str, Any]]]:
+        res = self._call(
+            "search",
+            collection or self.alias,
+            data=[list(map(float, v)) for v in vectors],
+            limit=k,
+            output_fields=OUTPUT_FIELDS,
+            search_params={"metric_type": "COSINE", "params": {"ef": max(64, k)}},
+            consistency_level=consistency,
+        )
+        return [[{"score": float(h["distance"]), **dict(h["entity"]), "pk": h.get("id", h.get("pk"))} for h in hits] for hits in res]

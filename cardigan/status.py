@@ -1,0 +1,87 @@
+"""What operators and tests ask: is work waiting, in flight, dead, and what is indexed?"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Celery
+
+from cardigan.deadletter import DeadLetters
+from cardigan.guard import make_redis
+from cardigan.index import Index
+from config.settings import Settings, redact_url
+from workers.writer import TARGETS_KEY
+
+
+def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:
+    """Messages ready in each queue (Redis list length / AMQP message_count)."""
+    out: dict[str, int] = {}
+    with app.connection_for_read() as conn:
+        for q in queues:
+            ch = conn.channel()  # AMQP closes a channel on a failed passive declare
+            try:
+                _, count, _ = ch.queue_declare(queue=q, passive=True)
+            except Exception:  # noqa: BLE001 - a queue not declared yet is an empty queue
+                count = 0
+            finally:
+                try:
+                    ch.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            out[q] = int(count)
+    return out
+
+
+def in_flight(app: Celery, timeout: float = 1.0) -> dict[str, Any]:
+    """Workers online and the tasks they hold (active, prefetched, waiting on a retry ETA)."""
+    insp = app.control.inspect(timeout=timeout)
+    active = insp.active() or {}
+    reserved = insp.reserved() or {}
+    scheduled = insp.scheduled() or {}
+    workers = sorted(set(active) | set(reserved) | set(scheduled))
+    return {
+        "workers": workers,
+        "active": sum(len(v) for v in active.values()),
+        "reserved": sum(len(v) for v in reserved.values()),
+        "scheduled": sum(len(v) for v in scheduled.values()),
+    }
+
+
+def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> dict[str, Any]:
+    s = settings
+    r = make_redis(s.effective_state_url)
+    try:
+        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        live = index.live_collection()
+        collections = {}
+        for name in index.collections():
+            rows = index.client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong") if _loaded(index, name) else []
+            collections[name] = {"rows": int(rows[0]["count(*)"]) if rows else 0, "live": name == live}
+        index.close()
+        depths = queue_depths(app, [s.queue, s.bulk_queue])
+        flight = in_flight(app) if inspect else {}
+        out: dict[str, Any] = {
+            "time": time.time(),
+            "broker": redact_url(s.broker_url),
+            "milvus": redact_url(s.milvus_uri),
+            "alias": s.collection,
+            "live_collection": live,
+            "write_targets": sorted(r.smembers(TARGETS_KEY.format(alias=s.collection))) or ([live] if live else []),  # type: ignore[arg-type]
+            "collections": collections,
+            "queues": depths,
+            "dead_letters": DeadLetters(r).count(),
+            **({"in_flight": flight} if inspect else {}),
+        }
+        out["drained"] = sum(depths.values()) == 0 and (not inspect or flight["active"] + flight["reserved"] + flight["scheduled"] == 0)
+        return out
+    finally:
+        r.close()
+
+
+def _loaded(index: Index, name: str) -> bool:
+    try:
+        index.client.load_collection(name)
+        return True
+    except Exception:  # noqa: BLE001
+        return False

@@ -1,0 +1,53 @@
+"""Celery wiring: JSON only, late acks, events on for Flower. No domain code here."""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from config.settings import Settings, load_settings
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """An app bound to ``settings`` (read from the environment when not given)."""
+    s = settings or load_settings()
+    app = Celery("cardigan", broker=s.broker_url, include=["tasks.index"])
+    exchange = Exchange("cardigan", type="direct", durable=True)
+    app.conf.update(
+        # pickle on a broker is remote code execution: JSON in, JSON out
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        result_backend=None,
+        task_ignore_result=True,  # outcomes live in Milvus, dead letters and events, not a backend
+        # ack after the vectors are written; a killed worker's messages come back
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,  # failures are dead-lettered by us before acking
+        # batching needs several events in flight per process
+        worker_prefetch_multiplier=s.worker.prefetch_multiplier,
+        # durable queues and persistent messages survive a RabbitMQ restart
+        task_queues=[
+            Queue(s.queue, exchange, routing_key=s.queue, durable=True),
+            Queue(s.bulk_queue, exchange, routing_key=s.bulk_queue, durable=True),
+        ],
+        task_default_queue=s.queue,
+        task_default_exchange="cardigan",
+        task_default_routing_key=s.queue,
+        task_default_delivery_mode="persistent",
+        task_routes={"cardigan.index_bulk": {"queue": s.bulk_queue, "routing_key": s.bulk_queue}},
+        # Redis: an unacked message is redelivered after this; longer than any task may run
+        broker_transport_options={"visibility_timeout": s.broker_visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a restarted broker is waited for, not given up on
+        # Flower: task events on, readable names, product id visible in the arguments
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_track_started=True,
+        worker_redirect_stdouts=False,
+    )
+    app.cardigan_settings = s  # type: ignore[attr-defined]
+    return app
+
+
+app = create_app()

@@ -1,0 +1,143 @@
+"""One typed settings object for the whole system.
+
+Loaded once (process start, CLI start) from ``CARDIGAN_*`` environment variables and an
+optional TOML file, then passed in. Nested groups use ``__``: ``CARDIGAN_ENCODER__BACKBONE``.
+AWS credentials are not settings: boto3's standard chain finds them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+class EncoderSettings(BaseModel):
+    """What turns a crop into a vector."""
+
+    backbone: str = "mobilenet_v3_small"
+    # "random" (seeded, announced loudly), a torchvision weights name ("DEFAULT",
+    # "IMAGENET1K_V1") for the backbone, or a path to a checkpoint of the whole encoder.
+    weights: str = "random"
+    image_size: int = Field(224, ge=32, le=1024)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype on CUDA
+    batch_size: int = Field(64, ge=1, le=4096)  # images per forward pass
+    batch_wait_ms: float = Field(10.0, ge=0, le=10_000)  # how long a batch waits to fill
+    seed: int = 0  # random weights must be identical in every worker process
+
+
+class LimitSettings(BaseModel):
+    """Bounds on untrusted input: images come from the catalog, not from us."""
+
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images: int = Field(8, ge=1, le=64)  # K: a product's keys are id#0 .. id#K-1
+    max_product_id_len: int = Field(128, ge=1, le=256)
+
+
+class WorkerSettings(BaseModel):
+    """Sizing of one worker process (threads pool: one model, many in-flight events)."""
+
+    concurrency: int = Field(32, ge=1)  # threads: events in flight per process
+    prefetch_multiplier: int = Field(2, ge=1)
+    write_batch_size: int = Field(256, ge=1)  # rows per Milvus upsert
+    write_wait_ms: float = Field(20.0, ge=0)
+    max_retries: int = Field(8, ge=0)  # transient failures before a dead letter
+    retry_backoff_s: float = Field(1.0, gt=0)
+    retry_backoff_max_s: float = Field(60.0, gt=0)
+    max_deliveries: int = Field(3, ge=1)  # deliveries that killed a worker before a dead letter
+    lock_ttl_ms: int = Field(30_000, ge=1000)  # per-product write lock
+    fetch_threads: int = Field(8, ge=1)
+
+
+class Settings(BaseSettings):
+    """Everything a process needs to know to find its broker, index and images."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CARDIGAN_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    # Redis/Valkey for version guards, dead letters and counters. Empty: the broker URL,
+    # when the broker is Redis.
+    state_url: str = ""
+    broker_visibility_timeout_s: int = Field(3600, ge=10)
+    milvus_uri: str = "http://127.0.0.1:19530"
+    milvus_token: SecretStr = SecretStr("")
+    milvus_db: str = ""
+    collection: str = "products"  # the alias searches read; collections are <alias>_vN
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    bucket: str = "catalog"  # default bucket for tools that upload (demo, bench)
+    local_root: Path | None = None  # file:// URIs are allowed only under this folder
+    queue: str = "cardigan.events"
+    bulk_queue: str = "cardigan.bulk"
+    flower_user: str = "admin"
+    flower_password: SecretStr = SecretStr("")
+    metrics_port: int = 0  # 0: no Prometheus endpoint
+    encoder: EncoderSettings = EncoderSettings()
+    limits: LimitSettings = LimitSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        if not v.replace("_", "a").isalnum() or not v[0].isalpha() or len(v) > 200:
+            raise ValueError("must be letters, digits and '_' and start with a letter")
+        return v
+
+    @property
+    def effective_state_url(self) -> str:
+        """Where guards and dead letters live."""
+        if self.state_url:
+            return self.state_url
+        if self.broker_url.startswith(("redis://", "rediss://", "valkey://")):
+            return self.broker_url
+        raise ValueError(
+            "CARDIGAN_STATE_URL is required when the broker is not Redis "
+            f"(broker is {self.broker_url.split(':', 1)[0]}://…): point it at a Redis/Valkey server"
+        )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Constructor args beat the environment, which beats the optional TOML file.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = os.environ.get("CARDIGAN_CONFIG")
+        if toml:
+            if not Path(toml).is_file():
+                raise FileNotFoundError(f"CARDIGAN_CONFIG={toml}: no such file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings once; callers pass the object on instead of re-reading the env."""
+    return Settings(**overrides)
+
+
+def redact_url(url: str) -> str:
+    """A URL safe for logs: any password replaced by ***."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

@@ -1,0 +1,1 @@
+"""Thin Celery tasks: hand-offs to the worker pipeline."""

@@ -1,0 +1,71 @@
+"""The retry policy, in one place.
+
+Permanent errors become dead letters at once; transient ones retry with exponential backoff
+and full jitter until ``max_retries``, then become dead letters; a message that keeps killing
+its worker (counted per delivery) becomes a dead letter instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import redis
+from celery import Task
+
+from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, TransientError
+from workers import runtime
+
+log = logging.getLogger(__name__)
+
+_DELIVERIES = "cardigan:deliveries:{id}:{retry}"
+
+
+def backoff_s(retries: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter (AWS architecture blog's 'full jitter')."""
+    return random.uniform(0, min(cap, base * 2**retries))
+
+
+def _count_delivery(task: Task) -> int:
+    """How many times this exact message (id, retry) has been started; survives worker death."""
+    key = _DELIVERIES.format(id=task.request.id, retry=task.request.retries)
+    r = runtime.state()
+    pipe = r.pipeline(transaction=False)
+    pipe.incr(key)
+    pipe.expire(key, 7 * 24 * 3600)
+    return int(pipe.execute()[0])
+
+
+def _dead(task: Task, event: Any, err: PermanentError, attempts: int) -> dict[str, Any]:
+    dl = runtime.dead_letters().add(
+        reason=err.reason, kind=err.kind, event=event, field=err.field, attempts=attempts,
+        task_id=task.request.id, queue=(task.request.delivery_info or {}).get("routing_key"),
+    )
+    log.warning("dead letter %s for %s: %s", dl.id, dl.product_id or "?", dl.reason)
+    return {"outcome": "dead", "dead_letter": dl.id, "reason": dl.reason}
+
+
+def run_event(task: Task, event: Any) -> dict[str, Any]:
+    """Run one event through the pipeline under the policy; return what happened."""
+    s = runtime.settings()
+    retries = task.request.retries
+    try:
+        deliveries = _count_delivery(task)
+    except redis.RedisError as e:
+        raise task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s), max_retries=None) from e
+    if deliveries > s.worker.max_deliveries:
+        err = PoisonMessage(f"delivered {deliveries} times without finishing: the worker died each time (out of memory, native crash)")
+        return _dead(task, event, err, retries + deliveries)
+    try:
+        return runtime.pipeline().handle(event).as_dict()
+    except PermanentError as e:
+        return _dead(task, event, e, retries + 1)
+    except TransientError as e:
+        if retries >= s.worker.max_retries:
+            return _dead(task, event, RetriesExhausted(f"gave up after {retries + 1} attempts: {e.reason}"), retries + 1)
+        log.info("transient failure (%s), retry %d/%d", e.reason, retries + 1, s.worker.max_retries)
+        raise task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)) from e
+    except Exception as e:  # a bug: keep the event for replay after the fix, never drop it
+        log.exception("unexpected error")
+        return _dead(task, event, InternalError(f"{type(e).__name__}: {e}"), retries + 1)

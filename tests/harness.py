@@ -1,0 +1,195 @@
+"""Test harness: real servers (from the stack), real worker processes, one namespace per test.
+
+Each test gets its own Redis database (queues, guards, dead letters) and its own Milvus alias,
+so tests share one set of servers without seeing each other's data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from cardigan.deadletter import DeadLetters
+from cardigan.fetch import make_s3_client
+from cardigan.guard import make_redis
+from cardigan.index import Index
+from cardigan.publish import Publisher
+from config.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# small and fast: the point of these tests is the pipeline, not the model
+TEST_ENV = {
+    "CARDIGAN_ENCODER__BACKBONE": "mobilenet_v3_small",
+    "CARDIGAN_ENCODER__IMAGE_SIZE": "64",
+    "CARDIGAN_ENCODER__BATCH_WAIT_MS": "5",
+    "CARDIGAN_WORKER__CONCURRENCY": "8",
+    "CARDIGAN_WORKER__RETRY_BACKOFF_S": "0.2",
+    "CARDIGAN_WORKER__RETRY_BACKOFF_MAX_S": "2",
+    "CARDIGAN_WORKER__WRITE_WAIT_MS": "5",
+    "CARDIGAN_BROKER_VISIBILITY_TIMEOUT_S": "30",
+}
+
+_db_counter = itertools.count(1)
+
+
+@contextmanager
+def patched_env(env: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def settings_from(env: Mapping[str, str]) -> Settings:
+    """Settings exactly as a worker started with ``env`` would build them."""
+    with patched_env(env):
+        return Settings()
+
+
+@dataclass
+class WorkerProc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 20) -> None:
+        if not self.alive():
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class Namespace:
+    """One test's corner of the shared servers, and the tools to drive it."""
+
+    env: dict[str, str]
+    tmp: Path
+    workers: list[WorkerProc] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return settings_from(self.env)
+
+    def state(self) -> Any:
+        return make_redis(self.settings.effective_state_url)
+
+    def index(self) -> Index:
+        s = self.settings
+        return Index(s.milvus_uri, alias=s.collection)
+
+    def s3(self) -> Any:
+        with patched_env(self.env):
+            return make_s3_client(self.settings.s3_endpoint_url, self.settings.s3_region)
+
+    def dead(self) -> DeadLetters:
+        return DeadLetters(self.state())
+
+    def publisher(self) -> Publisher:
+        return Publisher(self.settings)
+
+    def put_image(self, key: str, data: bytes) -> str:
+        bucket = self.settings.bucket
+        self.s3().put_object(Bucket=bucket, Key=key, Body=data)
+        return f"s3://{bucket}/{key}"
+
+    def start_worker(self, *, concurrency: int | None = None, extra_env: Mapping[str, str] | None = None, wait: bool = True) -> WorkerProc:
+        name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}"
+        log = self.tmp / f"{name}.log"
+        s = self.settings
+        argv = [
+            sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
+            "--pool", "threads", "--concurrency", str(concurrency or s.worker.concurrency),
+            "--prefetch-multiplier", str(s.worker.prefetch_multiplier),
+            "-Q", f"{s.queue},{s.bulk_queue}", "-n", f"{name}@test",
+            "--without-gossip", "--without-mingle", "-l", "INFO",
+        ]  # fmt: skip
+        env = {**os.environ, **self.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
+        with log.open("ab") as f:
+            proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        w = WorkerProc(name, proc, log)
+        self.workers.append(w)
+        if wait:
+            wait_until(lambda: f"{name}@test ready." in w.log_text() or not w.alive(), 120, f"worker {name} ready")
+            assert w.alive(), f"worker {name} died at start:\n{w.log_text()[-3000:]}"
+        return w
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def publish(self, events: Iterable[dict[str, Any]]) -> list[str]:
+        pub = self.publisher()
+        with pub.app.producer_or_acquire() as producer:
+            return [pub.publish(e, producer=producer) for e in events]
+
+    def queue_depth(self) -> int:
+        r = self.state()
+        s = self.settings
+        return int(r.llen(s.queue)) + int(r.llen(s.bulk_queue))
+
+    def unacked(self) -> int:
+        return int(self.state().hlen("unacked"))
+
+    def drained(self) -> bool:
+        """Nothing waiting, nothing held by a worker (Redis broker's own bookkeeping)."""
+        r = self.state()
+        return self.queue_depth() == 0 and int(r.hlen("unacked")) == 0 and int(r.zcard("unacked_index")) == 0
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def new_namespace(stack_env: Mapping[str, str], tmp: Path, **overrides: str) -> Namespace:
+    db = next(_db_counter) % 15 + 1  # db 0 is left to interactive use
+    broker = stack_env["CARDIGAN_BROKER_URL"].rsplit("/", 1)[0] + f"/{db}"
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        **stack_env,
+        **TEST_ENV,
+        "CARDIGAN_BROKER_URL": broker,
+        "CARDIGAN_COLLECTION": f"t_{tag}",
+        "CARDIGAN_QUEUE": f"events.{tag}",
+        "CARDIGAN_BULK_QUEUE": f"bulk.{tag}",
+        **overrides,
+    }
+    ns = Namespace(env=env, tmp=tmp)
+    ns.state().flushdb()
+    return ns

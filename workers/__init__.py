@@ -1,0 +1,1 @@
+"""Worker-process side: the pipeline, its batchers and lifecycle."""

@@ -1,0 +1,129 @@
+"""One worker process's pipeline: event → fetch → crop → embed → write.
+
+Built once per process at worker start (model loaded, clients opened), then shared by every
+task thread. ``handle`` is the whole job for one event and knows nothing about Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cardigan.crop import preprocess
+from cardigan.event import Event, ImageRef, parse_event, primary_key
+from cardigan.fetch import Fetcher, make_s3_client
+from cardigan.guard import VersionGuard, make_redis
+from cardigan.index import Index
+from config.settings import Settings
+from encoder import Encoder, build_encoder
+from workers.batcher import MicroBatcher
+from workers.writer import IndexWriter, Outcome, WriteOp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    product_id: str
+    version: int
+    type: str
+    outcome: Outcome
+    images: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+class Pipeline:
+    """Owns the model, the clients and the two batchers of one process."""
+
+    def __init__(self, settings: Settings, *, encoder: Encoder | None = None) -> None:
+        self.settings = settings
+        s = settings
+        self.state = make_redis(s.effective_state_url)
+        self.guard = VersionGuard(self.state, lock_ttl_ms=s.worker.lock_ttl_ms)
+        self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        self.live = self.index.ensure()
+        self.fetcher = Fetcher(
+            make_s3_client(s.s3_endpoint_url, s.s3_region, max_pool=s.worker.fetch_threads + s.worker.concurrency),
+            max_bytes=s.limits.max_image_bytes,
+            local_root=s.local_root,
+        )
+        self.encoder = encoder or build_encoder(s.encoder)
+        self.encoder.load()
+        self.writer = IndexWriter(self.index, self.guard, self.state, max_images=s.limits.max_images, live=self.live)
+        self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
+        self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+            self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
+        ).start()
+        self.write_batcher: MicroBatcher[WriteOp, Outcome] = MicroBatcher(
+            self.writer.write_batch, max_items=s.worker.write_batch_size, max_wait_s=s.worker.write_wait_ms / 1000, name="write", isolate_failures=False
+        ).start()
+        log.info("pipeline ready: model %s on %s, index %s (live %s)", self.encoder.model_version, self.encoder.device, s.collection, self.live)
+
+    def close(self) -> None:
+        self.embedder.stop()
+        self.write_batcher.stop()
+        self._prep_pool.shutdown(wait=False, cancel_futures=True)
+        self.index.close()
+        self.state.close()
+
+    # -- the job -----------------------------------------------------------------------
+
+    def handle(self, raw: Any) -> Result:
+        """Index or delete one product; raises PermanentError or TransientError."""
+        lim = self.settings.limits
+        ev = parse_event(raw, max_images=lim.max_images, max_id_len=lim.max_product_id_len)
+        if ev.type != "delete" and self._already_newer(ev):
+            # cheap early exit for duplicates and late arrivals; the guard re-checks at write
+            return Result(ev.product_id, ev.version, ev.type, "stale", 0)
+        if ev.type == "delete":
+            op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms)
+        else:
+            op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms)
+        outcome = self.write_batcher.submit(op).result()
+        return Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows))
+
+    def _already_newer(self, ev: Event) -> bool:
+        targets = self.writer.targets()
+        recs = [self.guard.versions(c, [ev.product_id])[ev.product_id] for c in targets]
+        return all(r is not None and r[0] >= ev.version for r in recs)
+
+    def _prepare(self, img: ImageRef, i: int) -> torch.Tensor:
+        field = f"images[{i}]"
+        data = self.fetcher.fetch(img.uri, field=f"{field}.uri")
+        tensor, _method = preprocess(
+            data, img.bbox, size=self.settings.encoder.image_size, max_pixels=self.settings.limits.max_image_pixels, field_prefix=field
+        )
+        return tensor
+
+    def _rows(self, ev: Event) -> list[dict[str, Any]]:
+        # fetch + decode of a product's images overlap each other and other tasks' forward passes
+        tensors = [f.result() for f in [self._prep_pool.submit(self._prepare, img, i) for i, img in enumerate(ev.images)]]
+        vectors = [f.result() for f in [self.embedder.submit(t) for t in tensors]]
+        mv = self.encoder.model_version
+        return [
+            {
+                "pk": primary_key(ev.product_id, i),
+                "product_id": ev.product_id,
+                "image_index": i,
+                "image_uri": img.uri,
+                "version": ev.version,
+                "model_version": mv,
+                "attributes": ev.attributes,
+                "embedding": vec.tolist(),
+            }
+            for i, (img, vec) in enumerate(zip(ev.images, vectors))
+        ]
+
+    def _embed(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        out = self.encoder.embed(torch.stack(tensors))
+        log.debug("embedded %d images in %.1f ms", len(tensors), (time.perf_counter() - t0) * 1000)
+        return list(out)

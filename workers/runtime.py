@@ -1,0 +1,94 @@
+"""Worker lifecycle: build the pipeline once per process, after fork, never at import.
+
+Prefork children build it in ``worker_process_init`` (CUDA cannot survive a fork); the threads
+and solo pools build it in ``worker_init``. If a dependency is down at start, the first task
+builds it instead (and retries while it cannot).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+from celery import current_app
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
+
+from cardigan.deadletter import DeadLetters
+from cardigan.errors import CardiganError, IndexUnavailable, StateUnavailable
+from cardigan.guard import make_redis
+from config.settings import Settings
+from workers.pipeline import Pipeline
+
+log = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_pipeline: Pipeline | None = None
+_state: redis.Redis | None = None
+
+
+def settings() -> Settings:
+    """The settings the Celery app was created with."""
+    return current_app.cardigan_settings  # type: ignore[attr-defined,no-any-return]
+
+
+def state() -> redis.Redis:
+    """The state store client (dead letters, delivery counts); cheap, no model needed."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = make_redis(settings().effective_state_url)
+    return _state
+
+
+def dead_letters() -> DeadLetters:
+    return DeadLetters(state())
+
+
+def pipeline() -> Pipeline:
+    """This process's pipeline, built on first need."""
+    global _pipeline
+    if _pipeline is None:
+        with _lock:
+            if _pipeline is None:
+                try:
+                    _pipeline = Pipeline(settings())
+                except CardiganError:
+                    raise
+                except redis.RedisError as e:
+                    raise StateUnavailable(f"state store unreachable at worker start: {e}") from e
+                except Exception as e:
+                    if "milvus" in type(e).__module__.lower() or "grpc" in type(e).__module__.lower():
+                        raise IndexUnavailable(f"Milvus unreachable at worker start: {e}") from e
+                    raise
+    return _pipeline
+
+
+def _start(**_: Any) -> None:
+    try:
+        pipeline()
+    except CardiganError as e:
+        log.error("pipeline not ready at start (%s); the first task will try again", e.reason)
+
+
+def _stop(**_: Any) -> None:
+    global _pipeline
+    with _lock:
+        if _pipeline is not None:
+            _pipeline.close()
+            _pipeline = None
+
+
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **kw: Any) -> None:
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if "prefork" not in str(name):
+        _start()
+
+
+worker_process_init.connect(_start, weak=False)
+worker_process_shutdown.connect(_stop, weak=False)
+worker_shutdown.connect(_stop, weak=False)

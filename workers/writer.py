@@ -1,0 +1,102 @@
+"""Write stage: one Milvus upsert and one delete per batch, behind the version guard.
+
+For each target collection: lock the batch's products, read their recorded versions, keep the
+ops that are newer, write them, record the new versions, unlock. A task waits on its op's
+future, so its message is acked only after its vectors are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis
+
+from cardigan.event import primary_key
+from cardigan.guard import VersionGuard
+from cardigan.index import Index
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["applied", "stale"]
+FRESHNESS_KEY = "cardigan:freshness_ms"
+TARGETS_KEY = "cardigan:write_targets:{alias}"
+
+
+@dataclass
+class WriteOp:
+    """The whole new state of one product at one version."""
+
+    product_id: str
+    version: int
+    kind: Literal["upsert", "delete"]
+    rows: list[dict[str, Any]] = field(default_factory=list)  # image i -> row with pk id#i
+    published_at_ms: int | None = None
+
+    def delete_keys(self, max_images: int) -> list[str]:
+        """Keys this op removes: n..K-1 for an upsert of n images, all K for a delete."""
+        start = len(self.rows) if self.kind == "upsert" else 0
+        return [primary_key(self.product_id, i) for i in range(start, max_images)]
+
+
+def _newest(ops: list[WriteOp]) -> dict[str, WriteOp]:
+    """Highest version per product within a batch; at equal versions a delete wins."""
+    best: dict[str, WriteOp] = {}
+    for op in ops:
+        cur = best.get(op.product_id)
+        if cur is None or (op.version, op.kind == "delete") > (cur.version, cur.kind == "delete"):
+            best[op.product_id] = op
+    return best
+
+
+class IndexWriter:
+    """Applies batches of WriteOps to every write target (the live collection, plus a reindex's)."""
+
+    def __init__(self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str) -> None:
+        self._index = index
+        self._guard = guard
+        self._state = state
+        self._max_images = max_images
+        self._live = live
+        self._targets_key = TARGETS_KEY.format(alias=index.alias)
+
+    def targets(self) -> list[str]:
+        """A reindex lists its collections here; otherwise the live one (read every batch)."""
+        extra = sorted(self._state.smembers(self._targets_key))  # type: ignore[arg-type]
+        return extra or [self._live]
+
+    def write_batch(self, ops: list[WriteOp]) -> list[Outcome]:
+        newest = _newest(ops)
+        applied_any: set[int] = set()
+        for collection in self.targets():
+            applied = self._write_one(collection, newest)
+            applied_any |= {id(op) for op in applied}
+        self._record_freshness([op for op in newest.values() if id(op) in applied_any])
+        return ["applied" if id(op) in applied_any else "stale" for op in ops]
+
+    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> list[WriteOp]:
+        with self._guard.locked(collection, newest):
+            current = self._guard.versions(collection, list(newest))
+            todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
+            if not todo:
+                return []
+            rows = [r for op in todo if op.kind == "upsert" for r in op.rows]
+            dels = [k for op in todo for k in op.delete_keys(self._max_images)]
+            self._index.upsert(collection, rows)
+            self._index.delete(collection, dels)
+            self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in todo})
+            return todo
+
+    def _record_freshness(self, ops: list[WriteOp]) -> None:
+        now = int(time.time() * 1000)
+        lat = [now - op.published_at_ms for op in ops if op.published_at_ms]
+        if lat:
+            try:
+                pipe = self._state.pipeline(transaction=False)
+                pipe.lpush(FRESHNESS_KEY, *lat)
+                pipe.ltrim(FRESHNESS_KEY, 0, 99_999)
+                pipe.execute()
+            except redis.RedisError:
+                log.debug("freshness not recorded", exc_info=True)
