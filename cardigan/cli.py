@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -96,8 +96,8 @@ def worker_argv(settings: Settings, index: int, *, queues: list[str], concurrenc
 @app.command()
 def worker(
     processes: int = typer.Option(1, "--processes", "-p", min=1, help="worker processes (one model each; one per GPU or ~2 cores)"),
-    concurrency: Optional[int] = typer.Option(None, "--concurrency", "-c", help="events in flight per process (default CARDIGAN_WORKER__CONCURRENCY)"),
-    queues: Optional[str] = typer.Option(None, "--queues", "-Q", help="comma-separated queues (default: live and bulk)"),
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", help="events in flight per process (default CARDIGAN_WORKER__CONCURRENCY)"),
+    queues: str | None = typer.Option(None, "--queues", "-Q", help="comma-separated queues (default: live and bulk)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
 ) -> None:
     """Run worker processes and restart any that die (a poison message, a crash)."""
@@ -281,6 +281,10 @@ def dead_purge(yes: bool = typer.Option(False, "--yes", help="do not ask")) -> N
     if not yes and not typer.confirm("Delete every dead letter?"):
         raise typer.Exit(1)
     console.print(f"purged {_dead_letters().purge()}")
+
+
+# -- commands that live in their own modules (each exposes register(app)) ------------------
+# one line each; heavy imports stay inside the commands so `cardigan --help` is fast
 
 
 def main() -> None:

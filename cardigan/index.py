@@ -44,7 +44,13 @@ class Index:
     def __init__(self, uri: str, *, token: str = "", db_name: str = "", alias: str, timeout: float = 20.0) -> None:
         self.alias = alias
         self.timeout = timeout
-        kw: dict[str, Any] = {"uri": uri, "timeout": timeout}
+        # No keepalive pings on idle connections: the Milvus Lite server (grpc defaults)
+        # answers pings more often than every 5 min with GOAWAY "too many pings".
+        kw: dict[str, Any] = {
+            "uri": uri,
+            "timeout": timeout,
+            "grpc_options": {"grpc.keepalive_time_ms": 300_000, "grpc.keepalive_permit_without_calls": False},
+        }
         if token:
             kw["token"] = token
         if db_name:

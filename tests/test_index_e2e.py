@@ -6,6 +6,7 @@ import io
 import json
 import random
 import uuid
+import zlib
 
 import pytest
 from PIL import Image, ImageDraw
@@ -35,7 +36,8 @@ def photo(seed: int, size: int = 96) -> bytes:
 
 
 def add(ns: Namespace, pid: str, version: int, n: int, *, kind: str = "add", seed: int = 0) -> dict:
-    uris = [ns.put_image(f"{pid}/v{version}/{i}.jpg", photo(seed * 100 + version * 10 + i)) for i in range(n)]
+    base = zlib.crc32(pid.encode()) * 1000 + seed * 100  # every product looks different
+    uris = [ns.put_image(f"{pid}/v{version}/{i}.jpg", photo(base + version * 10 + i)) for i in range(n)]
     return {"type": kind, "product_id": pid, "version": version, "images": [{"uri": u} for u in uris], "attributes": {"category": "test"}}
 
 
@@ -70,7 +72,7 @@ def test_e2e_add_modify_delete(ns: Namespace) -> None:
     index = ns.index()
     rows = index.get_product("sku-1", 8)
     hits = index.search([rows[0]["embedding"]], 3, consistency="Strong")[0]
-    assert hits[0]["product_id"] == "sku-1" and hits[0]["score"] > 0.99
+    assert hits[0]["product_id"] == "sku-1" and hits[0]["score"] > 0.99, [(h["pk"], h["score"]) for h in hits]
     assert rows[0]["model_version"].startswith("mobilenet_v3_small")
 
     # modify replaces every vector: 3 images become 1
@@ -124,13 +126,32 @@ def test_e2e_concurrent_modify_and_delete_two_workers(ns: Namespace) -> None:
 def test_e2e_bad_events_are_dead_letters_and_worker_keeps_serving(ns: Namespace) -> None:
     w = ns.start_worker()
     good = add(ns, "good-1", 1, 2)
-    missing = {"type": "add", "product_id": "bad-missing", "version": 1, "images": [{"uri": f"s3://{ns.settings.bucket}/nope/{uuid.uuid4().hex}.jpg"}]}
-    corrupt = {"type": "add", "product_id": "bad-corrupt", "version": 1, "images": [{"uri": ns.put_image("bad/corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")}]}
-    mixed = {"type": "add", "product_id": "bad-mixed", "version": 1, "images": [{"uri": ns.put_image("bad/ok.jpg", photo(5))}, {"uri": ns.put_image("bad/empty.jpg", b"")}]}
+    missing = {
+        "type": "add",
+        "product_id": "bad-missing",
+        "version": 1,
+        "images": [{"uri": f"s3://{ns.settings.bucket}/nope/{uuid.uuid4().hex}.jpg"}],
+    }
+    corrupt = {
+        "type": "add",
+        "product_id": "bad-corrupt",
+        "version": 1,
+        "images": [{"uri": ns.put_image("bad/corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")}],
+    }
+    mixed = {
+        "type": "add",
+        "product_id": "bad-mixed",
+        "version": 1,
+        "images": [{"uri": ns.put_image("bad/ok.jpg", photo(5))}, {"uri": ns.put_image("bad/empty.jpg", b"")}],
+    }
     ns.publish([good, missing, corrupt, mixed])
     # an invalid event sent by a producer that skipped validation (another language)
     pub = ns.publisher()
-    pub.app.send_task("cardigan.index_event", args=[{"type": "add", "product_id": 'x" or product_id != "', "version": 1, "images": []}], queue=ns.settings.queue)
+    pub.app.send_task(
+        "cardigan.index_event",
+        args=[{"type": "add", "product_id": 'x" or product_id != "', "version": 1, "images": []}],
+        queue=ns.settings.queue,
+    )
     converge(ns, {"good-1": Expected(1, 2), "bad-missing": None, "bad-corrupt": None, "bad-mixed": None})
     wait_until(lambda: ns.dead().count() == 4, 30, "4 dead letters")
     reasons = {d.product_id: (d.kind, d.reason) for d in ns.dead().list()}
@@ -151,9 +172,31 @@ def test_e2e_message_from_another_language(ns: Namespace) -> None:
     ns.start_worker()
     ev = add(ns, "poly-1", 1, 1)
     task_id = str(uuid.uuid4())
-    headers = {"lang": "go", "task": "cardigan.index_event", "id": task_id, "root_id": task_id, "parent_id": None, "group": None, "retries": 0, "eta": None, "expires": None, "argsrepr": "", "kwargsrepr": "", "origin": "catalog-go"}
+    headers = {
+        "lang": "go",
+        "task": "cardigan.index_event",
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "catalog-go",
+    }
     body = json.dumps([[ev], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
     with Connection(ns.settings.broker_url) as conn:
         producer = conn.Producer()
-        producer.publish(body, routing_key=ns.settings.queue, exchange="cardigan", headers=headers, content_type="application/json", content_encoding="utf-8", delivery_mode=2, declare=[])
+        producer.publish(
+            body,
+            routing_key=ns.settings.queue,
+            exchange="cardigan",
+            headers=headers,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+            declare=[],
+        )
     converge(ns, {"poly-1": Expected(1, 1)})

@@ -1,0 +1,229 @@
+"""Crop a decoded product photo to the product, and turn the crop into a model input.
+
+Three ways to find the product, in order of trust:
+
+- ``bbox``: the catalog says where it is (pixels of the upright, full-size image);
+- ``trim``: no bbox, but the photo is shot on a plain background (the catalog norm), so the
+  product is whatever differs from the colour of the border;
+- ``centre``: anything else (a lifestyle photo): the central square, as ImageNet models expect.
+
+:func:`to_tensor` keeps the aspect ratio and pads to a square with the background, rather than
+stretching or cutting the product: a long dress and a short top stay recognisable shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageChops
+
+from cardigan.decode import WHITE, decode
+from cardigan.errors import InvalidCrop
+
+RGB = tuple[int, int, int]
+Box = tuple[int, int, int, int]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# (x/255 - mean) / std folded into one multiply and one subtract per value. numpy, not torch:
+# torch spreads even a 150k-element op over its intra-op threads, which on a busy worker
+# (many preprocessing threads next to a forward pass) was 8x slower than one core.
+_SCALE = np.array([1.0 / (255.0 * s) for s in IMAGENET_STD], np.float32).reshape(3, 1, 1)
+_SHIFT = np.array([m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)], np.float32).reshape(3, 1, 1)
+
+# Background trim, tuned on catalog-style photos (plain backdrop, JPEG noise of a few levels).
+TRIM_SIDE = 200  # the search runs on a copy about this big: a few ms whatever the input
+BORDER_TOLERANCE = 20  # a border pixel within this (max over channels) counts as background
+BORDER_UNIFORM = 0.75  # share of border pixels that must be background (a product may touch it)
+FOREGROUND_THRESHOLD = 28  # a pixel further than this from the background is product
+MIN_LINE_PIXELS = 2  # product pixels a row/column of the search copy needs to count
+MIN_OBJECT_SHARE = 0.005  # smaller boxes are specks or dust, not a product
+MAX_OBJECT_SHARE = 0.97  # a box this close to the whole image gains nothing over centre
+MARGIN = 0.03  # of the box's longer side, so edges of the product are not cut
+_FOREGROUND_LUT = [255 if v > FOREGROUND_THRESHOLD else 0 for v in range(256)]
+
+
+def crop_image(
+    img: Image.Image,
+    bbox: Sequence[float] | None,
+    *,
+    field: str = "bbox",
+    source_size: tuple[int, int] | None = None,
+) -> tuple[Image.Image, str]:
+    """Crop ``img`` to the product; return the crop and the method ("bbox", "trim", "centre").
+
+    ``source_size`` is the upright full-resolution size the bbox refers to, when ``img`` was
+    decoded smaller (JPEG draft); by default the bbox is in ``img``'s own pixels.
+    Raises InvalidCrop, naming ``field``, for a bbox that cannot describe a region.
+    """
+    crop, method, _ = crop_with_background(img, bbox, field=field, source_size=source_size)
+    return crop, method
+
+
+def crop_with_background(
+    img: Image.Image,
+    bbox: Sequence[float] | None,
+    *,
+    field: str = "bbox",
+    source_size: tuple[int, int] | None = None,
+) -> tuple[Image.Image, str, RGB]:
+    """As :func:`crop_image`, plus the colour to pad the crop with (the trimmed background)."""
+    if bbox is not None:
+        box = bbox_to_box(bbox, img.size, source_size or img.size, field=field)
+        return _crop(img, box), "bbox", WHITE
+    found = trim_box(img)
+    if found is not None:
+        box, background = found
+        return _crop(img, box), "trim", background
+    return _crop(img, centre_box(img.size)), "centre", WHITE
+
+
+def bbox_to_box(
+    bbox: Sequence[float],
+    size: tuple[int, int],
+    source_size: tuple[int, int],
+    *,
+    field: str = "bbox",
+) -> Box:
+    """Validate a bbox given on ``source_size`` and map it to integer pixels of ``size``.
+
+    A bbox partly outside the image is clamped (catalog tools round, and boxes drawn to the
+    edge spill over); one that is inverted, empty or entirely outside is an error the
+    producer must fix, so it is reported with the image size they can check against.
+    """
+    src_w, src_h = source_size
+    where = f"on the {src_w}x{src_h} image"
+    try:
+        x0, y0, x1, y1 = (float(v) for v in bbox)
+    except (TypeError, ValueError) as exc:
+        raise InvalidCrop(f"{field} must be 4 numbers [x0, y0, x1, y1] in pixels {where}, got {bbox!r}", field=field) from exc
+    shown = f"[{_num(x0)}, {_num(y0)}, {_num(x1)}, {_num(y1)}]"
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise InvalidCrop(f"{field} {shown} must be finite numbers {where}", field=field)
+    if x1 < x0 or y1 < y0:
+        axis = "x1 < x0" if x1 < x0 else "y1 < y0"
+        raise InvalidCrop(f"{field} {shown} is inverted ({axis}) {where}", field=field)
+    if x1 == x0 or y1 == y0:
+        raise InvalidCrop(f"{field} {shown} has zero area {where}", field=field)
+    if x0 >= src_w or y0 >= src_h or x1 <= 0 or y1 <= 0:
+        raise InvalidCrop(f"{field} {shown} lies entirely outside the image {where}", field=field)
+    width, height = size
+    sx, sy = width / src_w, height / src_h
+    left = min(max(math.floor(max(x0, 0.0) * sx), 0), width - 1)
+    top = min(max(math.floor(max(y0, 0.0) * sy), 0), height - 1)
+    right = max(min(math.ceil(min(x1, src_w) * sx), width), left + 1)
+    bottom = max(min(math.ceil(min(y1, src_h) * sy), height), top + 1)
+    return (left, top, right, bottom)
+
+
+def trim_box(img: Image.Image) -> tuple[Box, RGB] | None:
+    """Find the product on a plain background: its box (with a margin) and the background.
+
+    None when the border is not near-uniform (not a studio shot) or when what differs from
+    it is a speck or the whole picture. Searches a ~TRIM_SIDE copy and maps back.
+    """
+    width, height = img.size
+    factor = max(1, max(width, height) // TRIM_SIDE)
+    # reduce() box-averages: cheap, and it smooths JPEG noise before thresholding.
+    small = img.reduce(factor) if factor > 1 else img
+    pixels = np.asarray(small).astype(np.int16)
+    if pixels.ndim != 3 or pixels.shape[0] < 3 or pixels.shape[1] < 3:
+        return None
+    border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]))
+    background = np.median(border, axis=0)
+    near = np.abs(border - background).max(axis=1) <= BORDER_TOLERANCE
+    if near.mean() < BORDER_UNIFORM:
+        return None
+    colour: RGB = (int(background[0]), int(background[1]), int(background[2]))
+    # max over channels of |pixel - background|, thresholded: in Pillow's C loops, ~10x
+    # faster than the same in numpy on int16.
+    r, g, b = ImageChops.difference(small, Image.new("RGB", small.size, colour)).split()
+    mask = np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b).point(_FOREGROUND_LUT))
+    # A row or column needs MIN_LINE_PIXELS product pixels: lone noisy pixels (JPEG ringing,
+    # dust) must not stretch the box to a corner.
+    rows = np.flatnonzero(np.count_nonzero(mask, axis=1) >= MIN_LINE_PIXELS)
+    cols = np.flatnonzero(np.count_nonzero(mask, axis=0) >= MIN_LINE_PIXELS)
+    if rows.size == 0 or cols.size == 0:
+        return None
+    found = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    small_w, small_h = small.size
+    share = (found[2] - found[0]) * (found[3] - found[1]) / (small_w * small_h)
+    if share < MIN_OBJECT_SHARE or share > MAX_OBJECT_SHARE:
+        return None
+    left, top, right, bottom = (v * factor for v in found)
+    margin = max(factor, round(MARGIN * max(right - left, bottom - top)))
+    box = (
+        max(left - margin, 0),
+        max(top - margin, 0),
+        min(right + margin, width),
+        min(bottom + margin, height),
+    )
+    return box, colour
+
+
+def centre_box(size: tuple[int, int]) -> Box:
+    """The central square on the shorter side: the usual ImageNet view of a photo."""
+    width, height = size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return (left, top, left + side, top + side)
+
+
+def to_tensor(img: Image.Image, size: int, *, fill: RGB = WHITE) -> torch.Tensor:
+    """Resize to fit ``size``x``size`` keeping the aspect ratio, pad with ``fill``, normalise.
+
+    Returns float32 CHW normalised with the ImageNet mean/std, what torchvision backbones
+    were trained on. Padding (white by default, the trimmed background after a trim) rather
+    than stretching keeps a product's proportions, which are part of what it looks like.
+    """
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    scale = size / max(width, height)
+    new_w = min(size, max(1, round(width * scale)))
+    new_h = min(size, max(1, round(height * scale)))
+    if (new_w, new_h) != (width, height):
+        # BILINEAR in Pillow widens its filter when shrinking (antialiased, like torchvision's
+        # Resize(antialias=True)); reducing_gap box-averages big shrinks first, for speed.
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if (new_w, new_h) != (size, size):
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(img, ((size - new_w) // 2, (size - new_h) // 2))
+        img = canvas
+    chw = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)).astype(np.float32)
+    chw *= _SCALE
+    chw -= _SHIFT
+    return torch.from_numpy(chw)
+
+
+def preprocess(
+    data: bytes,
+    bbox: Sequence[float] | None,
+    *,
+    size: int,
+    max_pixels: int,
+    field_prefix: str = "image",
+) -> tuple[torch.Tensor, str]:
+    """Bytes of one image to a model input: decode, crop, resize; returns (tensor, method).
+
+    ``field_prefix`` names the image in the event (``"images[2]"``): decode errors carry it,
+    bbox errors carry ``"images[2].bbox"``, so a dead letter says which image was wrong.
+    """
+    decoded = decode(data, max_pixels=max_pixels, target_size=size, crop_hint=bbox, field=field_prefix)
+    crop, method, fill = crop_with_background(decoded.image, bbox, field=f"{field_prefix}.bbox", source_size=decoded.source_size)
+    return to_tensor(crop, size, fill=fill), method
+
+
+def _crop(img: Image.Image, box: Box) -> Image.Image:
+    """Crop, without a copy when the box is the whole image."""
+    if box == (0, 0, img.width, img.height):
+        return img
+    return img.crop(box)
+
+
+def _num(value: float) -> str:
+    """A coordinate as the producer likely wrote it: 12 rather than 12.0."""
+    return str(int(value)) if math.isfinite(value) and value == int(value) else f"{value:g}"
