@@ -34,11 +34,13 @@ def save_checkpoint(net: nn.Module, path: str | os.PathLike[str]) -> str:
     Written to a temporary file and renamed, so a worker never hashes or loads half a file.
     """
     path = Path(path)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    # Contiguous CPU tensors: the same weights give the same bytes (and version) from any device.
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; workers may run as another user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -44,10 +44,11 @@ def init_weights(module: nn.Module, generator: torch.Generator) -> None:
 
     Why not torchvision's own init under ``torch.manual_seed``: that reads the global RNG
     (any other thread drawing from it during a load breaks the "same seed, same weights in
-    every worker" promise) and uses ``normal_``, whose CPU kernel is vectorised differently
-    on AVX2 and non-AVX2/ARM machines. ``uniform_`` with a private generator is a serial,
-    bit-reproducible stream. The scales follow torchvision's (Kaiming, fan-out, ReLU).
-    Works on modules materialised with ``to_empty``: nothing is left uninitialised.
+    every worker" promise) and uses ``normal_``, whose CPU kernel has a separate AVX2 code
+    path (other machines, ARM included, can round differently). ``uniform_`` with a private
+    generator is a serial, bit-reproducible stream. The scales follow torchvision's
+    (Kaiming, fan-out, ReLU). Works on modules materialised with ``to_empty``: nothing is
+    left uninitialised.
     """
     for name, m in module.named_modules():
         if isinstance(m, nn.Conv2d):
@@ -81,7 +82,8 @@ def calibrate_random(net: EmbeddingNet, generator: torch.Generator, size: int, n
     biases centre its outputs, so a random encoder still tells images apart (identical
     images → identical vectors, different images → different ones), which is what tests
     and demos need. The noise comes from ``uniform_`` (a serial, portable stream) and the
-    pass runs in float64, so the float32 result is the same on every machine.
+    pass runs in float64, so machine-specific rounding (thread split, SIMD width) stays far
+    below float32 precision: every machine rounds to the same float32 weights.
     """
     noise = torch.empty(n, 3, 8, 8, dtype=torch.float64).uniform_(-1.7, 1.7, generator=generator)
     fine = torch.empty(n, 3, size, size, dtype=torch.float64).uniform_(-0.9, 0.9, generator=generator)

@@ -16,7 +16,7 @@ from torch import nn
 from torchvision import models
 from torchvision.models import WeightsEnum
 
-#: builds the trunk; ``None`` means randomly initialised (the caller seeds the RNG)
+#: builds the trunk; ``None``: no pretrained weights (the caller initialises it, from its seed)
 TrunkBuilder = Callable[[WeightsEnum | None], nn.Module]
 
 # A torchvision weights name is an identifier ("DEFAULT", "IMAGENET1K_V1"), optionally

@@ -10,6 +10,7 @@ import itertools
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 import uuid
@@ -193,3 +194,75 @@ def new_namespace(stack_env: Mapping[str, str], tmp: Path, **overrides: str) -> 
     ns = Namespace(env=env, tmp=tmp)
     ns.state().flushdb()
     return ns
+
+
+class TcpProxy:
+    """A loopback TCP relay that can be cut and restored: a network outage to a live server.
+
+    Stopping moto itself would lose its objects; this makes S3 unreachable while the data stays.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+
+        self._socket = socket
+        self.target_port = target_port
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._listener: Any = None
+        self._conns: list[Any] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> TcpProxy:
+        s = self._socket.socket()
+        s.setsockopt(self._socket.SOL_SOCKET, self._socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(128)
+        self._listener = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            for c in self._conns:
+                try:
+                    c.close()
+                except OSError:
+                    pass
+            self._conns.clear()
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass

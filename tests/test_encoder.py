@@ -62,6 +62,15 @@ def _isolate_rng() -> Iterator[None]:
     torch.random.set_rng_state(state)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Two intra-op threads on a busy 2-core box spin in OpenMP barriers (5-30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def mobilenet() -> Encoder:
     return build_encoder(make_settings()).load()
@@ -106,7 +115,7 @@ def test_same_seed_builds_identical_weights_whatever_the_process_state(mobilenet
     # Another build, with the global RNG elsewhere and another thread count: same bits.
     threads = torch.get_num_threads()
     torch.manual_seed(12345)
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     try:
         other = build_encoder(make_settings()).load()
     finally:
@@ -154,8 +163,9 @@ def test_model_version_shape_and_no_model_needed() -> None:
 
 
 def test_constructor_builds_nothing_and_load_is_idempotent() -> None:
-    enc = Encoder(make_settings())
+    enc = Encoder(make_settings(device="auto"))
     assert enc._net is None and enc.fingerprint is None and not enc.loaded
+    assert enc._device is None and not torch.cuda.is_initialized()  # "auto" waits for load()
     assert enc.load() is enc
     net = enc._net
     assert net is not None and not net.training
@@ -216,6 +226,7 @@ def test_checkpoint_round_trip(tmp_path: Path, mobilenet: Encoder) -> None:
     path = tmp_path / "encoder.pt"
     digest = save_checkpoint(source._net, path)
     assert digest == file_sha256(path)
+    assert save_checkpoint(source._net, tmp_path / "again.pt") == digest  # same weights, same bytes
 
     enc = build_encoder(make_settings(weights=str(path))).load()
     assert not enc.random_weights

@@ -200,3 +200,30 @@ def test_e2e_message_from_another_language(ns: Namespace) -> None:
             declare=[],
         )
     converge(ns, {"poly-1": Expected(1, 1)})
+
+
+def _brokers() -> list[str]:
+    """The embedded Valkey always; the machine's Redis and RabbitMQ too, when they run here."""
+    from tests.conftest import local_broker_urls
+
+    return ["embedded", *local_broker_urls()]
+
+
+@pytest.mark.parametrize("broker", _brokers())
+def test_e2e_broker_matrix(stack_env: dict[str, str], tmp_path, broker: str) -> None:
+    """The same add/modify/delete run over each broker; state stays on the embedded Valkey."""
+    from tests.harness import new_namespace
+
+    overrides = {}
+    if broker != "embedded":
+        overrides = {"CARDIGAN_BROKER_URL": broker, "CARDIGAN_STATE_URL": stack_env["CARDIGAN_BROKER_URL"].rsplit("/", 1)[0] + "/15"}
+    ns = new_namespace(stack_env, tmp_path, **overrides)
+    try:
+        ns.start_worker()
+        ns.publish([add(ns, "mx-1", 1, 2), add(ns, "mx-2", 1, 1)])
+        ns.publish([add(ns, "mx-1", 2, 1, kind="modify"), delete("mx-2", 2)])
+        index = ns.index()
+        expected = {"mx-1": Expected(2, 1), "mx-2": None}
+        wait_until(lambda: verify_index(index, expected, max_images=8).ok, 90, f"convergence over {broker.split('@')[-1]}")
+    finally:
+        ns.stop_workers()
