@@ -229,17 +229,26 @@ def _dead_letters() -> Any:
 
 @dead_app.command("list")
 def dead_list(as_json: bool = typer.Option(False, "--json"), limit: int = typer.Option(100, min=1)) -> None:
-    """Dead letters, oldest first."""
-    items = _dead_letters().list(limit)
+    """Dead letters, oldest first: what was received, why it failed, how often, when."""
+    dl = _dead_letters()
+    items, total = dl.list(limit), dl.count()
     if as_json:
         print(json.dumps([d.__dict__ for d in items]))
         return
-    t = Table(title=f"{len(items)} dead letter(s)")
-    for col in ("id", "time", "product", "kind", "attempts", "reason"):
+    shown = f"{total} dead letter(s)" + (f", oldest {len(items)} shown" if len(items) < total else "")
+    t = Table(title=shown)
+    for col in ("id", "time", "event", "kind", "attempts", "reason"):
         t.add_column(col)
     for d in items:
-        t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time)), str(d.product_id or "?"), d.kind, str(d.attempts), d.reason)
+        t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time)), _event_label(d.event), d.kind, str(d.attempts), d.reason)
     console.print(t)
+
+
+def _event_label(event: Any) -> str:
+    """``add sku-1 v3`` for an event, ``(raw message)`` for a body that never decoded."""
+    if isinstance(event, dict):
+        return f"{event.get('type', '?')} {event.get('product_id', '?')} v{event.get('version', '?')}"
+    return "(raw message)"
 
 
 @dead_app.command("show")
@@ -253,22 +262,41 @@ def dead_show(dead_id: str) -> None:
 
 @dead_app.command("replay")
 def dead_replay(ids: list[str] = typer.Argument(None), all_: bool = typer.Option(False, "--all")) -> None:
-    """Publish dead letters again through the normal path (the version guard included)."""
+    """Publish dead letters again through the normal path (the version guard included).
+
+    A replayed event that is still invalid is kept; one that fails again in the worker comes back
+    as a new dead letter. Replaying an old version after a newer one was indexed changes nothing.
+    """
     from cardigan.publish import Publisher
 
     dl = _dead_letters()
-    items = dl.list() if all_ else [d for i in (ids or []) if (d := dl.get(i))]
+    if all_:
+        items = dl.list()
+    else:
+        found = {i: dl.get(i) for i in ids or []}
+        missing = [i for i, d in found.items() if d is None]
+        if missing:
+            _fail(f"no dead letter {', '.join(map(repr, missing))}; `cardigan dead list` shows the ids")
+        items = [d for d in found.values() if d is not None]
     if not items:
         _fail("nothing to replay: give ids or --all")
     pub = Publisher(_settings())
     ok = failed = 0
     for d in items:
+        event = d.event
+        if isinstance(event, dict):
+            # freshness is measured from the replay, not from the original publish
+            event = {k: v for k, v in event.items() if k != "published_at_ms"}
         try:
-            pub.publish(d.event)
+            pub.publish(event)
         except CardiganError as e:
             err_console.print(f"{d.id}: still invalid, kept: {e.reason}")
             failed += 1
             continue
+        except Exception as e:  # noqa: BLE001 - broker down: stop, keep the rest
+            err_console.print(f"{d.id}: could not publish ({type(e).__name__}: {e}); it and the rest are kept")
+            failed += len(items) - ok - failed
+            break
         dl.remove([d.id])
         ok += 1
     console.print(f"replayed {ok}, kept {failed}")
@@ -276,15 +304,29 @@ def dead_replay(ids: list[str] = typer.Argument(None), all_: bool = typer.Option
 
 
 @dead_app.command("purge")
-def dead_purge(yes: bool = typer.Option(False, "--yes", help="do not ask")) -> None:
-    """Delete every dead letter."""
-    if not yes and not typer.confirm("Delete every dead letter?"):
+def dead_purge(
+    ids: list[str] = typer.Argument(None, help="only these (default: every dead letter)"),
+    yes: bool = typer.Option(False, "--yes", help="do not ask"),
+) -> None:
+    """Delete dead letters for good: the given ids, or all of them."""
+    what = f"{len(ids)} dead letter(s)" if ids else "every dead letter"
+    if not yes and not typer.confirm(f"Delete {what}?"):
         raise typer.Exit(1)
-    console.print(f"purged {_dead_letters().purge()}")
+    dl = _dead_letters()
+    console.print(f"purged {dl.remove(list(ids)) if ids else dl.purge()}")
 
 
 # -- commands that live in their own modules (each exposes register(app)) ------------------
 # one line each; heavy imports stay inside the commands so `cardigan --help` is fast
+from cardigan.stack_cli import register as _register_stack  # noqa: E402
+
+_register_stack(app)
+from cardigan.demo import register as _register_demo  # noqa: E402
+
+_register_demo(app)
+from cardigan.reindex import register as _register_reindex  # noqa: E402
+
+_register_reindex(app)
 
 
 def main() -> None:

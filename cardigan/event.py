@@ -51,8 +51,12 @@ class ImageRef(BaseModel):
         x0, y0, x1, y1 = v
         if any(c != c or c in (float("inf"), float("-inf")) for c in v):
             raise ValueError("must be finite numbers")
-        if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"[x0, y0, x1, y1] must have x1 > x0 and y1 > y0, got {list(v)}")
+        shown = "[" + ", ".join(f"{c:g}" for c in v) + "]"
+        if x1 < x0 or y1 < y0:
+            axis = "x1 < x0" if x1 < x0 else "y1 < y0"
+            raise ValueError(f"{shown} is inverted ({axis}): [x0, y0, x1, y1] needs x1 > x0 and y1 > y0")
+        if x1 == x0 or y1 == y0:
+            raise ValueError(f"{shown} has zero area: [x0, y0, x1, y1] needs x1 > x0 and y1 > y0")
         return v
 
 

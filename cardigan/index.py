@@ -16,6 +16,7 @@ from typing import Any
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from cardigan.errors import IndexUnavailable
+from config.settings import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +59,9 @@ class Index:
         try:
             self.client = MilvusClient(**kw)
         except MilvusException as e:
-            raise IndexUnavailable(f"Milvus at {uri} unreachable: {e.message}") from e
+            raise IndexUnavailable(f"Milvus at {redact_url(uri)} unreachable: {e.message}") from e
         except Exception as e:  # grpc connection errors surface as plain exceptions
-            raise IndexUnavailable(f"Milvus at {uri} unreachable: {e}") from e
+            raise IndexUnavailable(f"Milvus at {redact_url(uri)} unreachable: {e}") from e
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
 

@@ -47,11 +47,14 @@ _STOP_GRACE_S = 10.0
 # recorded: a worker fleet GETs every image, and those lines would grow the file without end.
 _MOTO_MAIN = """\
 import sys
+import threading
 from moto.moto_api import recorder
 _record = recorder._record_request
+_lock = threading.Lock()  # moto serves requests on threads: unlocked appends interleave lines
 def _record_writes(request, body=None):
     if request.method not in ("GET", "HEAD", "OPTIONS"):
-        _record(request, body)
+        with _lock:
+            _record(request, body)
 recorder._record_request = _record_writes
 from moto.server import main
 main(sys.argv[1:])

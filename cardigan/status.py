@@ -10,6 +10,7 @@ from celery import Celery
 from cardigan.deadletter import DeadLetters
 from cardigan.guard import make_redis
 from cardigan.index import Index
+from cardigan.reindex import reindex_progress
 from config.settings import Settings, redact_url
 from workers.writer import TARGETS_KEY
 
@@ -71,6 +72,7 @@ def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> 
             "collections": collections,
             "queues": depths,
             "dead_letters": DeadLetters(r).count(),
+            "reindex": reindex_progress(r, s.collection),  # the last reindex's phase and counters
             **({"in_flight": flight} if inspect else {}),
         }
         out["drained"] = sum(depths.values()) == 0 and (not inspect or flight["active"] + flight["reserved"] + flight["scheduled"] == 0)

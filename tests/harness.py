@@ -10,8 +10,8 @@ import itertools
 import os
 import signal
 import subprocess
-import threading
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping

@@ -6,13 +6,18 @@ task thread. ``handle`` is the whole job for one event and knows nothing about C
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import redis
 import torch
 
 from cardigan.crop import preprocess
@@ -26,6 +31,11 @@ from workers.batcher import MicroBatcher
 from workers.writer import IndexWriter, Outcome, WriteOp
 
 log = logging.getLogger(__name__)
+
+# Per-process batch statistics, one hash field per process ("<host>:<pid>"), refreshed every
+# STATS_INTERVAL_S: how full batches really are (`cardigan bench` reads it). Cumulative counters.
+STATS_KEY = "cardigan:stats:{alias}"
+STATS_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -65,33 +75,57 @@ class Pipeline:
         self.write_batcher: MicroBatcher[WriteOp, Outcome] = MicroBatcher(
             self.writer.write_batch, max_items=s.worker.write_batch_size, max_wait_s=s.worker.write_wait_ms / 1000, name="write", isolate_failures=False
         ).start()
+        self._stats_key = STATS_KEY.format(alias=s.collection)
+        self._stats_field = f"{socket.gethostname()}:{os.getpid()}"
+        self._stats_stop = threading.Event()
+        threading.Thread(target=self._report_stats, name="stats", daemon=True).start()
         log.info("pipeline ready: model %s on %s, index %s (live %s)", self.encoder.model_version, self.encoder.device, s.collection, self.live)
 
     def close(self) -> None:
+        self._stats_stop.set()
         self.embedder.stop()
         self.write_batcher.stop()
+        self.publish_stats()
         self._prep_pool.shutdown(wait=False, cancel_futures=True)
         self.index.close()
         self.state.close()
 
+    def publish_stats(self) -> None:
+        """Write this process's cumulative batch statistics to the state store (best effort)."""
+        doc = {"embed": asdict(self.embedder.stats), "write": asdict(self.write_batcher.stats), "time": time.time()}
+        try:
+            pipe = self.state.pipeline(transaction=False)
+            pipe.hset(self._stats_key, self._stats_field, json.dumps(doc))
+            pipe.expire(self._stats_key, 7 * 24 * 3600)
+            pipe.execute()
+        except redis.RedisError:
+            log.debug("batch statistics not published", exc_info=True)
+
+    def _report_stats(self) -> None:
+        while not self._stats_stop.wait(STATS_INTERVAL_S):
+            self.publish_stats()
+
     # -- the job -----------------------------------------------------------------------
 
-    def handle(self, raw: Any) -> Result:
-        """Index or delete one product; raises PermanentError or TransientError."""
+    def handle(self, raw: Any, *, collection: str | None = None) -> Result:
+        """Index or delete one product; raises PermanentError or TransientError.
+
+        ``collection``: write there only (a reindex snapshot), not to the live write targets.
+        """
         lim = self.settings.limits
         ev = parse_event(raw, max_images=lim.max_images, max_id_len=lim.max_product_id_len)
-        if ev.type != "delete" and self._already_newer(ev):
+        if ev.type != "delete" and self._already_newer(ev, collection):
             # cheap early exit for duplicates and late arrivals; the guard re-checks at write
             return Result(ev.product_id, ev.version, ev.type, "stale", 0)
         if ev.type == "delete":
-            op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms)
+            op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms, collection=collection)
         else:
-            op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms)
+            op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms, collection=collection)
         outcome = self.write_batcher.submit(op).result()
         return Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows))
 
-    def _already_newer(self, ev: Event) -> bool:
-        targets = self.writer.targets()
+    def _already_newer(self, ev: Event, collection: str | None = None) -> bool:
+        targets = [collection] if collection else self.writer.targets()
         recs = [self.guard.versions(c, [ev.product_id])[ev.product_id] for c in targets]
         return all(r is not None and r[0] >= ev.version for r in recs)
 

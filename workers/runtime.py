@@ -19,6 +19,7 @@ from cardigan.deadletter import DeadLetters
 from cardigan.errors import CardiganError, IndexUnavailable, StateUnavailable
 from cardigan.guard import make_redis
 from config.settings import Settings
+from workers import metrics
 from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ def _stop(**_: Any) -> None:
 
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **kw: Any) -> None:
+    metrics.start(settings(), str(getattr(sender, "hostname", "") or ""))  # no-op unless metrics_port > 0
     pool = getattr(sender, "pool_cls", None)
     name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "prefork" not in str(name):

@@ -34,6 +34,8 @@ class WriteOp:
     kind: Literal["upsert", "delete"]
     rows: list[dict[str, Any]] = field(default_factory=list)  # image i -> row with pk id#i
     published_at_ms: int | None = None
+    # a reindex snapshot names its collection: written there only, never to the live targets
+    collection: str | None = None
 
     def delete_keys(self, max_images: int) -> list[str]:
         """Keys this op removes: n..K-1 for an upsert of n images, all K for a delete."""
@@ -68,12 +70,16 @@ class IndexWriter:
         return extra or [self._live]
 
     def write_batch(self, ops: list[WriteOp]) -> list[Outcome]:
-        newest = _newest(ops)
+        targets = self.targets()
+        by_collection: dict[str, list[WriteOp]] = {}
+        for op in ops:
+            for collection in [op.collection] if op.collection else targets:
+                by_collection.setdefault(collection, []).append(op)
         applied_any: set[int] = set()
-        for collection in self.targets():
-            applied = self._write_one(collection, newest)
+        for collection in sorted(by_collection):
+            applied = self._write_one(collection, _newest(by_collection[collection]))
             applied_any |= {id(op) for op in applied}
-        self._record_freshness([op for op in newest.values() if id(op) in applied_any])
+        self._record_freshness([op for op in ops if id(op) in applied_any])
         return ["applied" if id(op) in applied_any else "stale" for op in ops]
 
     def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> list[WriteOp]:

@@ -1,0 +1,947 @@
+"""``cardigan bench``: what the whole pipeline does on this machine, measured in one run.
+
+Brings up a temporary embedded stack (Valkey, Milvus Lite server, moto S3), renders a pool of
+synthetic product photos, uploads them, and then measures, on the same machine in the same
+run:
+
+- the ceiling: the model alone on preprocessed tensors (``forward_only``) and decode + crop +
+  resize alone on the same JPEG bytes (``decode_only``, all cores);
+- the batched pipeline end to end: publish every event, time until the queue is empty, no
+  message is unacked and Milvus holds every vector (``images_per_s``, ``events_per_s``);
+- the same pipeline unbatched (one image per forward pass, one Milvus write per event);
+- freshness (publish → vector written) at a steady load of half the measured maximum;
+- worker memory (VmRSS), and with ``--soak N`` its growth over N events.
+
+Each phase owns a Redis database, queues and a Milvus alias of the temporary stack, and its
+own worker processes, so phases do not see each other's data. ``run_bench(BenchOptions)``
+is the whole thing without the CLI. Numbers are for this machine only: docs/performance.md
+says how to read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cardigan.errors import CardiganError
+from config.settings import Settings
+
+FRESHNESS_KEY = "cardigan:freshness_ms"  # workers.writer.FRESHNESS_KEY (kept import-free)
+STATS_KEY = "cardigan:stats:{alias}"  # workers.pipeline.STATS_KEY
+KEY_PREFIX = "bench"
+
+# Targets of issue 4 (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.
+TARGETS: dict[str, tuple[str, float]] = {
+    "ratio_to_ceiling": (">=", 0.75),
+    "speedup_vs_naive": (">=", 1.0),
+    "freshness_p99_ms": ("<", 2000.0),
+    "soak_rss_growth_pct": ("<", 10.0),
+}
+
+
+class BenchError(CardiganError):
+    """The benchmark could not run or its pipeline lost events; the message says where to look."""
+
+    kind = "bench"
+
+
+@dataclass
+class BenchOptions:
+    """What to measure. ``None`` fields take the worker settings' defaults."""
+
+    events: int = 1000
+    model: str = "mobilenet_v3_small"
+    device: str = "auto"
+    image_size: int = 224
+    workers: int = 1
+    concurrency: int | None = None  # task threads per worker process
+    prefetch: int | None = None  # worker prefetch multiplier
+    batch_size: int | None = None  # images per forward pass
+    batch_wait_ms: float | None = None
+    fetch_threads: int | None = None  # fetch + decode threads per worker process
+    torch_threads: int = 0  # intra-op threads per worker (OMP_NUM_THREADS); 0: torch's default
+    pool: int = 200  # distinct products rendered; events reuse their photos
+    warmup: int = 40  # events through each fresh worker before timing
+    fresh_seconds: float = 15.0  # 0 skips the freshness phase
+    naive: bool = True
+    soak: int = 0  # events of the RSS soak; 0 skips it
+    s3: str = "moto"  # moto (S3 over HTTP) or folder (file:// URIs, no S3 server)
+    seed: int = 0
+    data_dir: Path | None = None  # default: a temporary directory, removed afterwards
+    profile: bool = False  # report the workers' CPU time per stage (thread group)
+    ready_timeout_s: float = 300
+    drain_timeout_s: float = 1800
+
+
+# --------------------------------------------------------------------------- small tools
+
+
+def rss_mb(pid: int) -> float | None:
+    """A process's resident memory (VmRSS) in MiB, from /proc; None if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, its threads and reaped children) a process has used; 0 if gone.
+
+    Wall-clock throughput on a shared machine depends on what else runs; CPU seconds per image
+    do not, so the bench reports both.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return sum(int(f) for f in fields[11:15]) / _TICK
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100), linear interpolation, as numpy's default."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def ceiling(forward: float, decode: float, device_type: str) -> float:
+    """Best images/s the machine allows for decode + forward.
+
+    CPU: both share the same cores, so their times per image add up. GPU: the model runs
+    beside the CPU's decode threads, so the slower of the two sets the pace.
+    """
+    if forward <= 0 or decode <= 0:
+        return 0.0
+    if device_type == "cuda":
+        return min(forward, decode)
+    return 1 / (1 / forward + 1 / decode)
+
+
+@contextlib.contextmanager
+def _patched_env(env: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _settings(env: Mapping[str, str]) -> Settings:
+    """Settings exactly as a worker started with ``env`` builds them."""
+    with _patched_env(env):
+        return Settings()
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- worker CPU by thread
+
+PROFILE_ENV = "CARDIGAN_BENCH_PROFILE"
+PROFILE_INTERVAL_S = 0.25
+# Python thread name -> stage. Threads torch starts itself (OpenMP) have no Python name.
+_THREAD_GROUPS = (
+    ("fetch", "fetch+decode"),  # Pipeline._prep_pool: S3 GET, decode, crop, resize
+    ("embed", "embed"),  # the embed MicroBatcher: torch.stack + forward (plus torch's own threads)
+    ("write", "write"),  # the write MicroBatcher: guard, Milvus upsert/delete
+    ("ThreadPoolExecutor", "tasks"),  # celery's task threads: parse, version check, rows
+    ("MainThread", "consumer"),  # celery's consumer: broker I/O, acks, task events
+)
+
+
+def _thread_group(name: str | None) -> str:
+    if name is None:
+        return "torch intra-op"
+    return next((group for prefix, group in _THREAD_GROUPS if name.startswith(prefix)), "other")
+
+
+def thread_cpu_groups() -> dict[str, float]:
+    """CPU seconds of this process's live threads, summed per stage (Linux /proc)."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        fields = stat[stat.rindex(")") + 2 :].split()
+        group = _thread_group(names.get(int(tid)))
+        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+def profiled_celery() -> None:
+    """``python -c`` entry: run celery's CLI, writing thread_cpu_groups() to $CARDIGAN_BENCH_PROFILE.
+
+    A sampling profiler would need py-spy (not installed); per-thread CPU time needs nothing
+    and maps one to one onto the pipeline's stages, because each stage has its own threads.
+    """
+    path = Path(os.environ[PROFILE_ENV])
+
+    def loop() -> None:
+        tmp = path.with_suffix(".tmp")
+        while True:
+            tmp.write_text(json.dumps(thread_cpu_groups()))
+            os.replace(tmp, path)
+            time.sleep(PROFILE_INTERVAL_S)
+
+    threading.Thread(target=loop, name="bench-profile", daemon=True).start()
+    from celery.__main__ import main
+
+    sys.argv = ["celery", *sys.argv[1:]]
+    main()
+
+
+# --------------------------------------------------------------------------- the photo pool
+
+
+@dataclass
+class Pool:
+    """Rendered products whose photos the events reuse: rendering is slower than indexing."""
+
+    refs: list[list[dict[str, Any]]]  # per product: the event's "images" list
+    categories: list[str]
+    jpegs: list[tuple[bytes, list[int] | None]]  # every photo with its bbox (decode_only)
+
+    def event(self, product_id: str, i: int, version: int = 1, kind: str = "add") -> dict[str, Any]:
+        j = i % len(self.refs)
+        return {
+            "type": kind,
+            "product_id": product_id,
+            "version": version,
+            "images": [dict(r) for r in self.refs[j]],
+            "attributes": {"category": self.categories[j]},
+        }
+
+    def images_of(self, i: int) -> int:
+        return len(self.refs[i % len(self.refs)])
+
+
+def make_pool(n: int, *, seed: int, s3: Any, bucket: str | None, folder: Path | None) -> Pool:
+    """Render ``n`` products and store their photos in S3 (or a folder for file:// URIs)."""
+    from cardigan.catalog import file_uri, generate_catalog, image_uri, object_key, upload, write_to_folder
+
+    products = generate_catalog(n, seed=seed, prefix="p", workers=os.cpu_count() or 2)
+    if folder is not None:
+        write_to_folder(products, folder, prefix=KEY_PREFIX)
+
+        def uri(key: str) -> str:
+            return file_uri(folder, object_key(KEY_PREFIX, key))
+    else:
+        assert bucket is not None
+        upload(products, s3, bucket, prefix=KEY_PREFIX)
+
+        def uri(key: str) -> str:
+            return image_uri(bucket, object_key(KEY_PREFIX, key))
+
+    refs = [[{"uri": uri(img.key), **({"bbox": list(img.bbox)} if img.bbox else {})} for img in p.images] for p in products]
+    jpegs = [(img.data, list(img.bbox) if img.bbox else None) for p in products for img in p.images]
+    return Pool(refs, [p.category for p in products], jpegs)
+
+
+# --------------------------------------------------------------------------- ceilings
+
+
+def best_window(step: Callable[[], int], *, windows: int = 4, window_s: float = 1.0) -> tuple[float, float]:
+    """Best items/s over ``windows`` windows of about ``window_s``, and its CPU ms per item.
+
+    ``step`` does some work and returns how many items it did. The best window, as timeit
+    takes the minimum: on a shared machine other work can only slow a window down, so the
+    best one is closest to what the machine can do; the ceiling it gives is a high one.
+    """
+    best = (0.0, 0.0)
+    for _ in range(windows):
+        n, t0, c0 = 0, time.perf_counter(), time.process_time()
+        while (dt := time.perf_counter() - t0) < window_s:
+            n += step()
+        if n / dt > best[0]:
+            best = (n / dt, 1000 * (time.process_time() - c0) / n)
+    return best
+
+
+def forward_only(settings: Settings) -> tuple[float, float, str, int]:
+    """The model alone on preprocessed tensors at the batch size.
+
+    Returns images/s, CPU ms per image, the device, and the torch thread count that was best
+    (on a CPU both one thread and all cores are tried: on a busy machine one can beat all).
+    """
+    import torch
+
+    from encoder import build_encoder
+
+    enc = build_encoder(settings.encoder).load()
+    s = settings.encoder
+    x = torch.randn(s.batch_size, 3, s.image_size, s.image_size)
+    if enc.device.type == "cuda":
+        x = x.pin_memory()
+
+    def step() -> int:
+        enc.embed(x)  # returns a host array: the device has finished
+        return s.batch_size
+
+    default = torch.get_num_threads()
+    candidates = [default] if enc.device.type == "cuda" else sorted({1, default}, reverse=True)
+    best = (0.0, 0.0, default)
+    try:
+        for threads in candidates:
+            torch.set_num_threads(threads)
+            step()  # first calls pay for kernel selection and allocator growth
+            step()
+            rate, cpu = best_window(step)
+            if rate > best[0]:
+                best = (rate, cpu, threads)
+    finally:
+        torch.set_num_threads(default)
+    return best[0], best[1], str(enc.device), best[2]
+
+
+def decode_only(jpegs: Sequence[tuple[bytes, list[int] | None]], *, size: int, max_pixels: int) -> tuple[float, float]:
+    """Decode + crop + resize alone, on every core (threads: Pillow releases the GIL).
+
+    Images/s and CPU ms per image, on the same JPEG bytes (and bboxes) as the events.
+    """
+    from cardigan.crop import preprocess
+
+    def one(item: tuple[bytes, list[int] | None]) -> None:
+        preprocess(item[0], item[1], size=size, max_pixels=max_pixels)
+
+    threads = os.cpu_count() or 2
+    chunk = 8 * threads
+    at = 0
+    with ThreadPoolExecutor(threads) as pool:
+
+        def step() -> int:
+            nonlocal at
+            part = [jpegs[(at + i) % len(jpegs)] for i in range(chunk)]
+            at += chunk
+            list(pool.map(one, part))
+            return chunk
+
+        step()  # warm
+        return best_window(step)
+
+
+# --------------------------------------------------------------------------- one phase
+
+
+@dataclass
+class Phase:
+    """One corner of the stack (Redis db, queues, Milvus alias) and its worker processes."""
+
+    name: str
+    env: dict[str, str]
+    log_dir: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+    profiles: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from cardigan.guard import make_redis
+        from cardigan.publish import Publisher
+
+        self.settings = _settings(self.env)
+        self.state = make_redis(self.settings.effective_state_url)
+        self.state.flushdb()
+        self.publisher = Publisher(self.settings)
+        self.published = 0
+
+    # workers
+
+    def start_workers(self, n: int, concurrency: int, timeout: float, *, profile: bool = False) -> None:
+        """``profile``: each worker writes its CPU time per thread group to <log dir>/<name>-worker<i>.cpu.json."""
+        from cardigan.cli import worker_argv
+
+        s = self.settings
+        for i in range(n):
+            log = self.log_dir / f"{self.name}-worker{i}.log"
+            argv = worker_argv(s, i, queues=[s.queue], concurrency=concurrency, loglevel="INFO")
+            argv[argv.index("-n") + 1] = f"{self.name}{i}@%h"
+            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            if profile:
+                # the same celery command, with a thread that records CPU time per thread group
+                argv[1:3] = ["-c", "from cardigan.bench import profiled_celery; profiled_celery()"]
+                env[PROFILE_ENV] = str(log.with_suffix(".cpu.json"))
+                self.profiles.append(log.with_suffix(".cpu.json"))
+            with log.open("ab") as f:
+                self.procs.append(subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True))
+            self.logs.append(log)
+
+        def ready() -> bool:
+            for p, log in zip(self.procs, self.logs):
+                if p.poll() is not None:
+                    raise BenchError(f"worker exited with {p.returncode} while starting; log {log}:\n{_tail(log)}")
+            return all(" ready." in log.read_text(errors="replace") for log in self.logs)
+
+        _wait(ready, timeout, f"{n} {self.name} worker(s) to be ready (logs in {self.log_dir})", interval=0.2)
+
+    def stop_workers(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(5)
+
+    def thread_cpu(self) -> dict[str, float]:
+        """CPU seconds per thread group, summed over the profiled workers (see profiled_celery)."""
+        total: dict[str, float] = {}
+        for path in self.profiles:
+            with contextlib.suppress(OSError, ValueError):
+                for k, v in json.loads(path.read_text()).items():
+                    total[k] = total.get(k, 0.0) + float(v)
+        return total
+
+    def worker_rss_mb(self) -> float | None:
+        """RSS of the first worker process (each runs its own model: they are alike)."""
+        return rss_mb(self.procs[0].pid) if self.procs else None
+
+    # traffic
+
+    def publish(self, events: Sequence[dict[str, Any]]) -> None:
+        with self.publisher.app.producer_or_acquire() as producer:
+            for ev in events:
+                self.publisher.publish(ev, producer=producer)
+        self.published += len(events)
+
+    def written(self) -> int:
+        """Events whose vectors are written (the writer logs one freshness sample each)."""
+        return int(self.state.llen(FRESHNESS_KEY))
+
+    def backlog(self) -> int:
+        return int(self.state.llen(self.settings.queue))
+
+    def drained(self) -> bool:
+        """Nothing waiting, nothing held by a worker (the Redis broker's own bookkeeping)."""
+        r = self.state
+        return int(r.llen(self.settings.queue)) == 0 and int(r.hlen("unacked")) == 0
+
+    def dead_letters(self) -> list[str]:
+        from cardigan.deadletter import DeadLetters
+
+        return [f"{d.product_id}: {d.reason}" for d in DeadLetters(self.state).list(5)]
+
+    def batch_stats(self) -> dict[str, dict[str, float]]:
+        """Embed and write batch counters summed over this phase's worker processes."""
+        total = {"embed": {"batches": 0.0, "items": 0.0, "busy_s": 0.0}, "write": {"batches": 0.0, "items": 0.0, "busy_s": 0.0}}
+        for raw in self.state.hgetall(STATS_KEY.format(alias=self.settings.collection)).values():
+            doc = json.loads(raw)
+            for stage in total:
+                for k in total[stage]:
+                    total[stage][k] += float(doc.get(stage, {}).get(k, 0))
+        return total
+
+    def stats_after(self, images: int, timeout: float = 10) -> dict[str, dict[str, float]]:
+        """Batch counters once they include ``images`` embedded images (published every second)."""
+        out: dict[str, dict[str, float]] = {}
+
+        def has() -> bool:
+            nonlocal out
+            out = self.batch_stats()
+            return out["embed"]["items"] >= images
+
+        try:
+            _wait(has, timeout, "batch statistics", interval=0.2)
+        except BenchError:
+            pass  # an old worker without the statistics reporter: report what there is
+        return out
+
+    def count(self) -> int:
+        from cardigan.index import Index
+
+        s = self.settings
+        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        try:
+            return index.count()
+        finally:
+            index.close()
+
+    def close(self) -> None:
+        self.stop_workers()
+        self.state.close()
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    from cardigan.stack import log_tail
+
+    return log_tail(path, n)
+
+
+@dataclass
+class RunResult:
+    events: int
+    images: int
+    seconds: float
+    embed_batches: float
+    embed_items: float
+    embed_busy_s: float
+    write_batches: float
+    write_items: float
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process group during the run
+    thread_cpu_s: dict[str, float] = field(default_factory=dict)  # workers' CPU seconds per stage (--profile)
+
+    def cpu_ms_per_image(self, who: str | None = None) -> float:
+        total = self.cpu_s.get(who, 0.0) if who else sum(self.cpu_s.values())
+        return 1000 * total / self.images
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds
+
+
+def run_through(
+    phase: Phase,
+    events: Sequence[dict[str, Any]],
+    images: int,
+    *,
+    expect_rows: int,
+    progress: Progress | None,
+    label: str,
+    timeout: float,
+    servers: Mapping[str, int] | None = None,
+) -> RunResult:
+    """Publish every event, wait until drained and Milvus holds ``expect_rows``; time it.
+
+    ``servers``: name -> pid of the stack's servers, whose CPU time is counted with the run's.
+    """
+    before = phase.stats_after(0)
+    groups = {"worker": [p.pid for p in phase.procs], "publisher": [os.getpid()], **{k: [v] for k, v in (servers or {}).items()}}
+    cpu0 = {k: sum(cpu_s(p) for p in pids) for k, pids in groups.items()}
+    threads0 = phase.thread_cpu()
+    written0 = phase.written()
+    task = progress.add_task(label, total=len(events)) if progress else None
+    t0 = time.perf_counter()
+    phase.publish(events)
+    deadline = time.monotonic() + timeout
+    while True:
+        if progress is not None and task is not None:
+            progress.update(task, completed=phase.written() - written0)
+        if phase.drained():
+            end = time.perf_counter()
+            break
+        if time.monotonic() > deadline:
+            raise BenchError(f"{label}: not drained after {timeout:.0f}s (logs in {phase.log_dir})")
+        time.sleep(0.05)
+    rows = phase.count()
+    if rows != expect_rows:
+        _wait(lambda: phase.count() == expect_rows, 20, f"{label}: Milvus to hold {expect_rows} vectors (has {rows})", interval=0.5)
+        end = time.perf_counter()  # later than drained: count counts
+    if progress is not None and task is not None:
+        progress.update(task, completed=len(events))
+    cpu = {k: sum(cpu_s(p) for p in pids) - cpu0[k] for k, pids in groups.items()}
+    if phase.profiles:
+        time.sleep(2 * PROFILE_INTERVAL_S)  # let the workers write their latest numbers
+    threads = {k: v - threads0.get(k, 0.0) for k, v in phase.thread_cpu().items()}
+    dead = phase.dead_letters()
+    if dead:
+        raise BenchError(f"{label}: events became dead letters, the numbers would be wrong: " + "; ".join(dead))
+    after = phase.stats_after(before["embed"]["items"] + images)
+    e0, e1, w0, w1 = before["embed"], after["embed"], before["write"], after["write"]
+    return RunResult(
+        events=len(events),
+        images=images,
+        seconds=end - t0,
+        embed_batches=e1["batches"] - e0["batches"],
+        embed_items=e1["items"] - e0["items"],
+        embed_busy_s=e1["busy_s"] - e0["busy_s"],
+        write_batches=w1["batches"] - w0["batches"],
+        write_items=w1["items"] - w0["items"],
+        cpu_s=cpu,
+        thread_cpu_s=threads,
+    )
+
+
+def freshness(phase: Phase, pool: Pool, *, rate: float, seconds: float, progress: Progress | None) -> list[float]:
+    """Publish at ``rate`` events/s for ``seconds``; the writers' publish→written latencies (ms)."""
+    n = max(1, int(rate * seconds))
+    events = [pool.event(f"fresh-{i}", i) for i in range(n)]
+    phase.state.delete(FRESHNESS_KEY)
+    task = progress.add_task(f"freshness at {rate:.1f} events/s", total=n) if progress else None
+    t0 = time.perf_counter()
+    with phase.publisher.app.producer_or_acquire() as producer:
+        for i, ev in enumerate(events):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            phase.publisher.publish(ev, producer=producer)
+            if progress is not None and task is not None:
+                progress.update(task, completed=i + 1)
+    phase.published += n
+    _wait(lambda: phase.drained() and phase.written() >= n, 120, "the freshness load to drain", interval=0.1)
+    return [float(v) for v in phase.state.lrange(FRESHNESS_KEY, 0, -1)]
+
+
+def soak(phase: Phase, pool: Pool, *, n: int, products: int, progress: Progress | None, timeout: float) -> dict[str, float]:
+    """``n`` events over ``products`` products (new versions: Milvus stays the same size); RSS sampled."""
+    chunk = 200
+    samples: list[tuple[int, float]] = []
+    task = progress.add_task(f"soak: {n} events", total=n) if progress else None
+    ready_rss = phase.worker_rss_mb() or 0.0
+    published = 0
+    t0 = time.monotonic()
+    next_sample = 0.0
+    while True:
+        done = phase.written()
+        if published < n and phase.backlog() < chunk:
+            batch = [pool.event(f"soak-{i % products}", i, version=i // products + 1) for i in range(published, min(n, published + chunk))]
+            phase.publish(batch)
+            published += len(batch)
+        now = time.monotonic()
+        if now >= next_sample:
+            rss = phase.worker_rss_mb()
+            if rss is None:
+                raise BenchError(f"soak: the worker died; log {phase.logs[0]}:\n{_tail(phase.logs[0])}")
+            samples.append((done, rss))
+            next_sample = now + 1.0
+        if progress is not None and task is not None:
+            progress.update(task, completed=done)
+        if published >= n and phase.drained():
+            break
+        if now - t0 > timeout:
+            raise BenchError(f"soak: not drained after {timeout:.0f}s (logs in {phase.log_dir})")
+        time.sleep(0.1)
+
+    def median_between(lo: float, hi: float) -> float:
+        """Median RSS while the events done were in [lo, hi) of n: busy, not idle and trimmed."""
+        xs = [r for d, r in samples if lo * n <= d < hi * n] or [samples[-1][1]]
+        return percentile(xs, 50)
+
+    # The first tenth fills allocator pools and caches (a plateau, not a leak): "start" is
+    # the second tenth, "end" the last one, both while the worker is busy.
+    start, end = median_between(0.1, 0.2), median_between(0.9, 1.0)
+    return {
+        "soak_events": n,
+        "soak_seconds": round(time.monotonic() - t0, 1),
+        "soak_rss_mb_ready": round(ready_rss, 1),
+        "soak_rss_mb_start": round(start, 1),
+        "soak_rss_mb_end": round(end, 1),
+        "soak_rss_mb_max": round(max(r for _, r in samples), 1),
+        "soak_rss_growth_pct": round(100 * (end - start) / start, 1) if start else float("nan"),
+        # the shape: RSS at every tenth of the events (flat, or still climbing at the end?)
+        "soak_rss_curve": [[d, round(r)] for d, r in _tenths(samples, n)],
+    }
+
+
+def _tenths(samples: list[tuple[int, float]], n: int) -> list[tuple[int, float]]:
+    """The first sample at or past each tenth of ``n`` events done."""
+    out = []
+    for k in range(11):
+        hit = next(((d, r) for d, r in samples if d >= n * k // 10), None)
+        if hit is not None and (not out or hit != out[-1]):
+            out.append(hit)
+    return out
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def _worker_env(opts: BenchOptions, **extra: str) -> dict[str, str]:
+    env = {
+        "CARDIGAN_ENCODER__BACKBONE": opts.model,
+        "CARDIGAN_ENCODER__DEVICE": opts.device,
+        "CARDIGAN_ENCODER__IMAGE_SIZE": str(opts.image_size),
+    }
+    if opts.batch_size is not None:
+        env["CARDIGAN_ENCODER__BATCH_SIZE"] = str(opts.batch_size)
+    if opts.batch_wait_ms is not None:
+        env["CARDIGAN_ENCODER__BATCH_WAIT_MS"] = str(opts.batch_wait_ms)
+    if opts.concurrency is not None:
+        env["CARDIGAN_WORKER__CONCURRENCY"] = str(opts.concurrency)
+    if opts.prefetch is not None:
+        env["CARDIGAN_WORKER__PREFETCH_MULTIPLIER"] = str(opts.prefetch)
+    if opts.fetch_threads is not None:
+        env["CARDIGAN_WORKER__FETCH_THREADS"] = str(opts.fetch_threads)
+    if opts.torch_threads:
+        # read by torch's OpenMP pool at its first parallel region: before any model runs
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.torch_threads)
+    return {**env, **extra}
+
+
+def _load_avg() -> float:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return float("nan")
+
+
+def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Run every phase; return the flat result object that ``--json`` prints."""
+    from cardigan.fetch import make_s3_client
+    from cardigan.stack import Stack
+
+    if opts.events < 1:
+        raise BenchError("--events must be at least 1")
+    if opts.s3 not in ("moto", "folder"):
+        raise BenchError(f"--s3 must be moto or folder, not {opts.s3!r}")
+    with contextlib.ExitStack() as cleanup:
+        root = opts.data_dir or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cardigan-bench-")))
+        log_dir = root / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        say(f"stack in {root}")
+        stack = Stack(root / "stack", s3=opts.s3)  # type: ignore[arg-type]
+        info = cleanup.enter_context(stack.running(timeout=120))
+        stack_env = info.env()
+        os.environ.update({k: v for k, v in stack_env.items() if k.startswith("AWS_")})  # boto3's chain, for the upload
+        base = _settings({**stack_env, **_worker_env(opts)})
+        concurrency = opts.concurrency or base.worker.concurrency
+        load_start = _load_avg()
+
+        say(f"rendering {opts.pool} products and storing their photos")
+        s3 = make_s3_client(base.s3_endpoint_url, base.s3_region) if opts.s3 == "moto" else None
+        folder = info.local_root if opts.s3 == "folder" else None
+        pool = make_pool(min(opts.pool, opts.events), seed=opts.seed, s3=s3, bucket=base.bucket, folder=folder)
+
+        say("measuring the ceiling: model alone, then decode alone")
+        fwd, fwd_cpu, device, fwd_threads = forward_only(base)
+        dec, dec_cpu = decode_only(pool.jpegs, size=opts.image_size, max_pixels=base.limits.max_image_pixels)
+        servers = {name: st["pid"] for name, st in stack.status().items() if st.get("pid")}
+        top = ceiling(fwd, dec, device.split(":")[0])
+
+        events = [pool.event(f"e-{i}", i) for i in range(opts.events)]
+        images = sum(pool.images_of(i) for i in range(opts.events))
+        warm = [pool.event(f"warm-{i}", i) for i in range(opts.warmup)]
+        warm_rows = sum(pool.images_of(i) for i in range(opts.warmup))
+
+        def phase(name: str, db: int, **extra: str) -> Phase:
+            env = {
+                **stack_env,
+                **_worker_env(opts, **extra),
+                "CARDIGAN_BROKER_URL": info.broker_url.rsplit("/", 1)[0] + f"/{db}",
+                "CARDIGAN_COLLECTION": f"bench_{name}",
+                "CARDIGAN_QUEUE": f"bench.{name}",
+                "CARDIGAN_BULK_QUEUE": f"bench.{name}.bulk",
+            }
+            ph = Phase(name, env, log_dir)
+            cleanup.callback(ph.close)
+            return ph
+
+        def warmed(ph: Phase) -> None:
+            ph.start_workers(opts.workers, concurrency, opts.ready_timeout_s, profile=opts.profile)
+            if warm:
+                run_through(
+                    ph, warm, warm_rows, expect_rows=warm_rows, progress=None, label=f"{ph.name} warm-up", timeout=opts.drain_timeout_s
+                )
+
+        out: dict[str, Any] = {}
+        say(f"batched pipeline: {opts.workers} worker(s) x {concurrency} threads, batch {base.encoder.batch_size}")
+        batched = phase("batched", 1)
+        warmed(batched)
+        rss_start = batched.worker_rss_mb()
+        run = run_through(
+            batched,
+            events,
+            images,
+            expect_rows=warm_rows + images,
+            progress=progress,
+            label="batched",
+            timeout=opts.drain_timeout_s,
+            servers=servers,
+        )
+
+        lat: list[float] = []
+        rate = 0.0
+        if opts.fresh_seconds > 0:
+            rate = run.events_per_s / 2
+            say(f"freshness: {rate:.1f} events/s for {opts.fresh_seconds:.0f}s")
+            lat = freshness(batched, pool, rate=rate, seconds=opts.fresh_seconds, progress=progress)
+        rss_end = batched.worker_rss_mb()
+        batched.close()
+
+        naive_run: RunResult | None = None
+        if opts.naive:
+            say("naive pipeline: one image per forward pass, one Milvus write per event")
+            naive = phase("naive", 2, CARDIGAN_ENCODER__BATCH_SIZE="1", CARDIGAN_WORKER__WRITE_BATCH_SIZE="1")
+            warmed(naive)
+            naive_run = run_through(
+                naive,
+                events,
+                images,
+                expect_rows=warm_rows + images,
+                progress=progress,
+                label="naive",
+                timeout=opts.drain_timeout_s,
+                servers=servers,
+            )
+            naive.close()
+
+        if opts.soak:
+            say(f"soak: {opts.soak} events")
+            soaker = phase("soak", 3)
+            soaker.start_workers(1, concurrency, opts.ready_timeout_s)
+            out.update(soak(soaker, pool, n=opts.soak, products=min(2000, opts.soak), progress=progress, timeout=opts.drain_timeout_s * 4))
+            soaker.close()
+
+        out = {
+            "images_per_s": round(run.images_per_s, 1),
+            "events_per_s": round(run.events_per_s, 1),
+            "naive_images_per_s": round(naive_run.images_per_s, 1) if naive_run else None,
+            "speedup_vs_naive": round(run.images_per_s / naive_run.images_per_s, 2) if naive_run else None,
+            "forward_only_images_per_s": round(fwd, 1),
+            "decode_only_images_per_s": round(dec, 1),
+            "forward_only_torch_threads": fwd_threads if device.startswith("cpu") else None,
+            "ceiling_images_per_s": round(top, 1),
+            "ratio_to_ceiling": round(run.images_per_s / top, 3) if top else None,
+            "freshness_p50_ms": round(percentile(lat, 50), 1) if lat else None,
+            "freshness_p99_ms": round(percentile(lat, 99), 1) if lat else None,
+            "batch_size_mean": round(run.embed_items / run.embed_batches, 1) if run.embed_batches else None,
+            "rss_mb_start": round(rss_start, 1) if rss_start else None,
+            "rss_mb_end": round(rss_end, 1) if rss_end else None,
+            "device": device,
+            "model": opts.model,
+            "image_size": opts.image_size,
+            # context: what was run, and how busy the machine was
+            "events": opts.events,
+            "images": images,
+            "seconds": round(run.seconds, 2),
+            "naive_events_per_s": round(naive_run.events_per_s, 1) if naive_run else None,
+            "naive_batch_size_mean": round(naive_run.embed_items / naive_run.embed_batches, 2)
+            if naive_run and naive_run.embed_batches
+            else None,
+            "write_batch_mean": round(run.write_items / run.write_batches, 1) if run.write_batches else None,
+            "model_busy_pct": round(100 * run.embed_busy_s / run.seconds / opts.workers, 1),
+            # CPU cost per image: independent of what else the machine runs
+            "cpu_ms_per_image": round(run.cpu_ms_per_image(), 2),
+            **{f"cpu_ms_per_image_{k}": round(run.cpu_ms_per_image(k), 2) for k in sorted(run.cpu_s)},
+            "worker_cpu_ms_per_image_by_stage": {k: round(1000 * v / run.images, 2) for k, v in sorted(run.thread_cpu_s.items())} or None,
+            "naive_cpu_ms_per_image": round(naive_run.cpu_ms_per_image(), 2) if naive_run else None,
+            "forward_only_cpu_ms_per_image": round(fwd_cpu, 2),
+            "decode_only_cpu_ms_per_image": round(dec_cpu, 2),
+            "cpu_ratio_to_ceiling": round((fwd_cpu + dec_cpu) / run.cpu_ms_per_image(), 3) if device.startswith("cpu") else None,
+            "freshness_rate_events_per_s": round(rate, 1),
+            "freshness_samples": len(lat),
+            "workers": opts.workers,
+            "concurrency": concurrency,
+            "batch_size": base.encoder.batch_size,
+            "batch_wait_ms": base.encoder.batch_wait_ms,
+            "fetch_threads": base.worker.fetch_threads,
+            "prefetch_multiplier": base.worker.prefetch_multiplier,
+            "torch_threads": opts.torch_threads or None,
+            "s3": opts.s3,
+            "cpu_count": os.cpu_count(),
+            "load_avg_start": load_start,
+            "load_avg_end": _load_avg(),
+            **out,
+        }
+        return out
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def results_table(res: dict[str, Any]) -> Table:
+    """The numbers, with the targets of issue 4 beside the ones that have one."""
+    t = Table(
+        title=f"cardigan bench: {res['model']} at {res['image_size']} px on {res['device']}, {res['events']} events ({res['images']} images)"
+    )
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_column("target")
+    for key, value in res.items():
+        if key in ("model", "image_size", "device"):
+            continue
+        target = ""
+        if key in TARGETS and value is not None:
+            op, bound = TARGETS[key]
+            ok = value >= bound if op == ">=" else value < bound
+            target = f"{op} {bound:g} " + ("[green]ok[/]" if ok else "[red]missed[/]")
+        t.add_row(key, "-" if value is None else f"{value:,}" if isinstance(value, int | float) else str(value), target)
+    return t
+
+
+def bench(
+    events: int = typer.Option(1000, "--events", "-n", min=1, help="events per throughput run (each has 1-4 photos)"),
+    model: str = typer.Option("mobilenet_v3_small", "--model", help="encoder backbone"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    image_size: int = typer.Option(224, "--image-size", min=32, max=1024),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, help="worker processes (one model each)"),
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="task threads per worker (default: settings)"),
+    prefetch: int | None = typer.Option(None, "--prefetch", min=1, help="prefetch multiplier (default: settings)"),
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="images per forward pass (default: settings)"),
+    batch_wait_ms: float | None = typer.Option(None, "--batch-wait-ms", min=0, help="how long a batch waits to fill (default: settings)"),
+    fetch_threads: int | None = typer.Option(None, "--fetch-threads", min=1, help="fetch+decode threads per worker (default: settings)"),
+    torch_threads: int = typer.Option(
+        0, "--torch-threads", min=0, help="torch intra-op threads per worker; 0: torch's default (all cores)"
+    ),
+    fresh_seconds: float = typer.Option(15.0, "--fresh-seconds", min=0, help="length of the half-load freshness run; 0 skips it"),
+    naive: bool = typer.Option(True, "--naive/--no-naive", help="also run the unbatched pipeline"),
+    soak_events: int = typer.Option(0, "--soak", min=0, help="also run an RSS soak of this many events"),
+    s3: str = typer.Option("moto", "--s3", help="moto: S3 over HTTP; folder: file:// URIs (no S3 server)"),
+    pool: int = typer.Option(200, "--pool", min=1, help="distinct products rendered (events reuse their photos)"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),
+    profile: bool = typer.Option(False, "--profile", help="also report the workers' CPU time per stage"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+) -> None:
+    """Measure throughput, batching gain, freshness and worker memory of the whole pipeline."""
+    err = Console(stderr=True)
+    opts = BenchOptions(
+        events=events, model=model, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
+        prefetch=prefetch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, fetch_threads=fetch_threads,
+        torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, pool=pool, data_dir=data_dir,
+        profile=profile,
+    )  # fmt: skip
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
+    try:
+        with progress:
+            res = run_bench(opts, progress=progress, say=lambda m: progress.console.print(f"[dim]{m}[/]"))
+    except CardiganError as e:
+        err.print(f"[red]bench failed:[/] {e.reason}")
+        raise typer.Exit(1) from None
+    Console().print(results_table(res))
+    if as_json:
+        print(json.dumps(res), flush=True)
+
+
+def register(app: typer.Typer) -> None:
+    """``cardigan bench``."""
+    app.command("bench")(bench)
+
+
+if __name__ == "__main__":  # python -m cardigan.bench
+    typer.run(bench)
+    sys.exit(0)

@@ -1,0 +1,717 @@
+"""``cardigan demo``: the whole system on one laptop, end to end, checked.
+
+Brings up the embedded stack, renders a synthetic catalog, uploads it to S3, starts worker
+processes, publishes a day of catalog changes (adds, then a shuffled wave of modifies and
+deletes with duplicates and stale replays), waits until the queues drain, and then *checks*
+the index against the state the events imply. A demo that only prints a speed would hide a
+wrong index; this one exits 1 on any mismatch.
+
+The demo owns one corner of whatever stack it runs on and resets it at every start:
+Redis database ``DEMO_DB`` (queues, version guards, dead letters, freshness samples), the
+queues ``demo.events``/``demo.bulk`` and the Milvus alias ``demo`` (collections ``demo_vN``).
+By default the stack is its own (``<out>/stack``), so nothing else is touched.
+
+``run_demo(DemoOptions) -> DemoResult`` is the whole thing without the CLI, for tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from cardigan.errors import CardiganError
+from cardigan.stack import Stack, StackInfo, log_tail
+from config.settings import Settings
+
+if TYPE_CHECKING:  # cardigan.verify imports pymilvus: slow, and `cardigan --help` should be fast
+    from cardigan.verify import Expected, VerifyReport
+
+DEMO_DB = 1  # Redis database of the demo's state; db 0 is left to interactive use
+DEMO_ALIAS = "demo"
+DEMO_QUEUE = "demo.events"
+DEMO_BULK_QUEUE = "demo.bulk"
+KEY_PREFIX = "catalog"
+_RUN_FILE = "demo-run.json"  # under <out>/run: workers and services a --keep run left running
+
+ExpectedState = dict[str, "Expected | None"]
+
+
+class DemoError(CardiganError):
+    """The demo could not run (a server or worker did not come up); the message says where to look."""
+
+    kind = "demo"
+
+
+@dataclass
+class DemoOptions:
+    """What to run. The defaults are ``cardigan demo``'s; tests shrink them."""
+
+    products: int = 200
+    workers: int = 2
+    keep: bool = False
+    out: Path = Path("demo-out")
+    data_dir: Path | None = None  # default <out>/stack
+    seed: int = 0
+    image_size: int | None = None  # None: CARDIGAN_ENCODER__IMAGE_SIZE or the settings default
+    concurrency: int | None = None  # threads per worker; None: the settings default
+    queries: int = 6
+    top_k: int = 5
+    ready_timeout_s: float = 180
+    drain_timeout_s: float = 600
+    verify_timeout_s: float = 30
+    # tests: change the expected state before verification (a wrong expectation must fail)
+    tamper: Callable[[ExpectedState], None] | None = None
+
+
+@dataclass
+class DemoResult:
+    """What happened: the verification, the numbers, where the outputs are."""
+
+    ok: bool
+    verify: VerifyReport
+    products: int
+    events: int
+    images: int
+    dead_letters: list[str]
+    elapsed_s: float  # first publish → drained
+    events_per_s: float
+    images_per_s: float
+    latency_ms: dict[str, float | int]  # p50, p99, n: publish → written (searchable)
+    hit_at_1: float | None
+    hit_at_k: float | None
+    top_k: int
+    image_size: int
+    model_version: str
+    random_weights: bool
+    timings: dict[str, float]
+    out: Path
+    html: Path | None = None
+    png: Path | None = None
+    summary_json: Path | None = None
+    kept_env: dict[str, str] | None = None  # the env to reach the kept stack (--keep)
+    worker_pids: list[int] = field(default_factory=list)
+    stopped_services: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _patched_env(env: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def demo_env(info: StackInfo, image_size: int | None = None) -> dict[str, str]:
+    """The stack's env, pointed at the demo's corner of it (its db, queues and alias)."""
+    env = info.env()
+    env.update(
+        {
+            "CARDIGAN_BROKER_URL": info.broker_url.rsplit("/", 1)[0] + f"/{DEMO_DB}",
+            "CARDIGAN_STATE_URL": "",  # the broker's db: a shell's own state URL must not leak in
+            "CARDIGAN_COLLECTION": DEMO_ALIAS,
+            "CARDIGAN_QUEUE": DEMO_QUEUE,
+            "CARDIGAN_BULK_QUEUE": DEMO_BULK_QUEUE,
+            "CARDIGAN_MILVUS_TOKEN": "",
+            "CARDIGAN_MILVUS_DB": "",
+        }
+    )
+    if image_size is not None:
+        env["CARDIGAN_ENCODER__IMAGE_SIZE"] = str(image_size)
+    return env
+
+
+def settings_for(env: Mapping[str, str]) -> Settings:
+    """Settings exactly as a worker started with ``env`` (on top of ours) builds them."""
+    with _patched_env(env):
+        return Settings()
+
+
+def percentile(values: list[int], p: float) -> float:
+    """Nearest-rank percentile (no interpolation: every reported value was measured)."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return float(s[max(0, math.ceil(p / 100 * len(s)) - 1)])
+
+
+def _proc_start_ticks(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass
+class WorkerProc:
+    """One ``celery worker`` process of the demo, in its own process group."""
+
+    name: str
+    proc: subprocess.Popen[bytes] | None
+    pid: int
+    start_ticks: int | None
+    log: Path
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.start_ticks is not None and _proc_start_ticks(self.pid) == self.start_ticks
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM (warm shutdown: in-flight tasks finish), then SIGKILL."""
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGTERM)
+        if not self._wait(timeout):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pid, signal.SIGKILL)
+            self._wait(10)
+
+    def _wait(self, timeout: float) -> bool:
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout)
+                return True
+            except subprocess.TimeoutExpired:
+                return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(0.1)
+        return False
+
+
+def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Path, *, concurrency: int, threads: int) -> WorkerProc:
+    """A threads-pool worker (one model, ``concurrency`` events in flight) with the demo's env."""
+    name = f"demo{i}"
+    argv = [
+        sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
+        "--pool", "threads", "--concurrency", str(concurrency),
+        "--prefetch-multiplier", str(settings.worker.prefetch_multiplier),
+        "-Q", f"{settings.queue},{settings.bulk_queue}", "-n", f"{name}@%h",
+        "--without-gossip", "--without-mingle", "-l", "INFO",
+    ]  # fmt: skip
+    full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
+    # W model processes on C cores: give each its share, or torch oversubscribes the CPU
+    full_env.setdefault("OMP_NUM_THREADS", str(threads))
+    log = log_dir / f"worker-{i}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as f:
+        proc = subprocess.Popen(argv, env=full_env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    return WorkerProc(name, proc, proc.pid, _proc_start_ticks(proc.pid), log)
+
+
+def wait_ready(workers: list[WorkerProc], timeout: float) -> None:
+    """Until every worker logged ``ready.`` (its model is loaded by then); fail fast on a death."""
+    deadline = time.monotonic() + timeout
+    pending = list(workers)
+    while pending:
+        for w in list(pending):
+            text = w.log_text()
+            if f"{w.name}@" in text and " ready." in text:
+                pending.remove(w)
+            elif not w.alive():
+                raise DemoError(f"worker {w.name} exited while starting; log {w.log}:\n{log_tail(w.log, 30)}")
+        if pending and time.monotonic() > deadline:
+            w = pending[0]
+            raise DemoError(f"worker {w.name} not ready after {timeout:.0f}s; log {w.log}:\n{log_tail(w.log, 30)}")
+        time.sleep(0.2)
+
+
+# --------------------------------------------------------------------------- what a --keep run left
+
+
+def _run_file(out: Path) -> Path:
+    return out / "run" / _RUN_FILE
+
+
+def _load_kept(out: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(_run_file(out).read_text()))
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_kept(out: Path, data_dir: Path, workers: list[WorkerProc], services: list[str]) -> None:
+    path = _run_file(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "data_dir": str(data_dir),
+        "workers": [{"name": w.name, "pid": w.pid, "start_ticks": w.start_ticks, "log": str(w.log)} for w in workers],
+        "services": services,
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _kept_workers(record: Mapping[str, Any]) -> list[WorkerProc]:
+    return [WorkerProc(w["name"], None, int(w["pid"]), w.get("start_ticks"), Path(w["log"])) for w in record.get("workers", [])]
+
+
+def stop_kept(out: Path, data_dir: Path | None = None) -> tuple[int, list[str]]:
+    """Stop what an earlier ``--keep`` run left: its workers, and the services it had started."""
+    record = _load_kept(out)
+    workers = [w for w in _kept_workers(record) if w.alive()]
+    for w in workers:
+        w.stop()
+    stopped: list[str] = []
+    if record.get("services"):
+        st = Stack(Path(record.get("data_dir") or data_dir or out / "stack"))
+        for name in reversed(record["services"]):
+            if st.stop_service(name):
+                stopped.append(name)
+    _run_file(out).unlink(missing_ok=True)
+    return len(workers), stopped
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _reset_namespace(settings: Settings) -> None:
+    """Empty the demo's Redis db and drop its Milvus alias and collections: a clean start."""
+    from cardigan.guard import make_redis
+    from cardigan.index import Index
+
+    r = make_redis(settings.effective_state_url)
+    try:
+        r.flushdb()
+    finally:
+        r.close()
+    index = Index(settings.milvus_uri, alias=settings.collection)
+    try:
+        if settings.collection in index.client.list_aliases().get("aliases", []):
+            index.client.drop_alias(settings.collection)  # a real Milvus refuses to drop an aliased collection
+        for name in index.collections():
+            index.drop(name)
+    finally:
+        index.close()
+
+
+def _pending(r: Any, settings: Settings) -> int:
+    """Messages waiting in the queues plus those a worker holds unacked (Redis broker)."""
+    pipe = r.pipeline(transaction=False)
+    pipe.llen(settings.queue)
+    pipe.llen(settings.bulk_queue)
+    pipe.hlen("unacked")
+    return int(sum(pipe.execute()))
+
+
+def _s3_client(info: StackInfo) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=info.s3_endpoint_url,
+        aws_access_key_id=info.aws_access_key_id,
+        aws_secret_access_key=info.aws_secret_access_key,
+        region_name=info.aws_region,
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=32),
+    )
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
+    """The demo; see the module docstring. Stops what it started unless ``opts.keep``."""
+    console = console or Console()
+    out = Path(opts.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(opts.data_dir or out / "stack").absolute()
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+
+    def phase(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    # Workers a --keep run left would hold stale state (their collection is about to go).
+    kept = _load_kept(out)
+    for w in _kept_workers(kept):
+        w.stop()
+    owned_before = set(kept.get("services", [])) if Path(kept.get("data_dir") or "/") == data_dir else set()
+
+    # The demo re-uploads its photos every run: on its own stack, moto need not record them
+    # (the recording would grow by every run's photos and be replayed at each start).
+    stack = Stack(data_dir, s3_persist=opts.data_dir is not None)
+    running_before = {name for name, s in stack.status().items() if s["running"]}
+    workers: list[WorkerProc] = []
+    started_services: list[str] = []
+    result: DemoResult | None = None
+    try:
+        t = time.perf_counter()
+        with console.status("starting the stack (Valkey, Milvus Lite, moto S3)…"):
+            info = stack.up(timeout=120)
+        started_services = [s for s in stack.services if s not in running_before or s in owned_before]
+        t = phase("stack_up", t)
+        env = demo_env(info, opts.image_size)
+        settings = settings_for(env)
+        _reset_namespace(settings)
+        console.print(
+            f"stack: {data_dir} (redis db {DEMO_DB}, milvus {settings.milvus_uri} alias {DEMO_ALIAS!r}, "
+            f"s3 {info.s3_endpoint_url}) — {'reused' if running_before else 'started'} in {timings['stack_up']:.1f}s"
+        )
+
+        from encoder import model_version_for
+
+        model_version = model_version_for(settings.encoder)  # checks the encoder settings before workers start
+
+        # workers load torch and the model while the catalog renders
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // max(1, opts.workers))
+        concurrency = opts.concurrency or settings.worker.concurrency
+        for i in range(opts.workers):
+            workers.append(start_worker(i, settings, env, out / "logs", concurrency=concurrency, threads=threads))
+
+        from cardigan.catalog import build_scenario, generate_catalog, upload
+
+        with console.status(f"rendering {opts.products} synthetic products…"):
+            products = generate_catalog(opts.products, seed=opts.seed, prefix="demo", workers=cores)
+            scenario = build_scenario(products, settings.bucket, seed=opts.seed, prefix=KEY_PREFIX)
+        t = phase("catalog", t)
+        s3 = _s3_client(info)
+        with console.status("uploading photos to S3…"):
+            n_objects = upload([*products, *scenario.uploads], s3, settings.bucket, prefix=KEY_PREFIX)
+        t = phase("upload", t)
+        events = scenario.events
+        n_images = sum(len(e.get("images", [])) for e in events)
+        console.print(
+            f"catalog: {len(products)} products, {n_objects} photos uploaded in {timings['catalog'] + timings['upload']:.1f}s; "
+            f"{len(events)} events ({sum(e['type'] == 'add' for e in events)} add, {sum(e['type'] == 'modify' for e in events)} modify, "
+            f"{sum(e['type'] == 'delete' for e in events)} delete; {scenario.duplicates} duplicated, {scenario.stale} stale replays)"
+        )
+
+        with console.status(f"waiting for {opts.workers} worker(s) to load the model…"):
+            wait_ready(workers, opts.ready_timeout_s)
+        t = phase("workers_ready", t)
+        console.print(
+            f"workers: {opts.workers} × {concurrency} threads, {threads} torch thread(s) each, "
+            f"model {model_version} (image size {settings.encoder.image_size})"
+        )
+
+        # publish: the adds first, then the wave of changes (with duplicates and stale replays)
+        from cardigan.guard import make_redis
+        from cardigan.publish import Publisher
+
+        n_adds = next((i for i, e in enumerate(events) if not (e["type"] == "add" and e["version"] == 1)), len(events))
+        pub = Publisher(settings)
+        r = make_redis(settings.effective_state_url)
+        with _progress(console) as prog:
+            adds = prog.add_task("publish adds", total=n_adds)
+            wave = prog.add_task("publish changes", total=len(events) - n_adds)
+            indexed = prog.add_task("indexed (drained)", total=len(events))
+            t_pub = time.perf_counter()
+            with pub.app.producer_or_acquire() as producer:
+                for i, ev in enumerate(events):
+                    pub.publish(ev, producer=producer)
+                    prog.advance(adds if i < n_adds else wave)
+                    if i % 25 == 0:
+                        prog.update(indexed, completed=i + 1 - min(i + 1, _pending(r, settings)))
+            t_published = time.perf_counter()
+            deadline = time.monotonic() + opts.drain_timeout_s
+            quiet = 0
+            while quiet < 2:  # twice in a row: a message is briefly in neither list nor unacked
+                pending = _pending(r, settings)
+                prog.update(indexed, completed=len(events) - min(len(events), pending))
+                quiet = quiet + 1 if pending == 0 else 0
+                if not any(w.alive() for w in workers):
+                    w = workers[0]
+                    raise DemoError(f"every worker died; log {w.log}:\n{log_tail(w.log, 30)}")
+                if time.monotonic() > deadline:
+                    raise DemoError(f"{pending} events still pending after {opts.drain_timeout_s:.0f}s; worker logs in {out / 'logs'}")
+                if quiet < 2:
+                    time.sleep(0.1)
+            t_drained = time.perf_counter()
+        elapsed = t_drained - t_pub
+        timings["publish"] = round(t_published - t_pub, 2)
+        timings["publish_to_drained"] = round(elapsed, 2)
+
+        # verify: the index must equal the state the events imply
+        from cardigan.deadletter import DeadLetters
+        from cardigan.index import Index
+        from cardigan.verify import Expected, verify_index
+
+        expected: ExpectedState = {
+            pid: None if e is None else Expected(e.version, e.n_images, model_version) for pid, e in scenario.expected.items()
+        }
+        if opts.tamper is not None:
+            opts.tamper(expected)
+        index = Index(settings.milvus_uri, alias=settings.collection)
+        t = time.perf_counter()
+        report = verify_index(index, expected, max_images=settings.limits.max_images)
+        verify_deadline = time.monotonic() + opts.verify_timeout_s
+        while not report.ok and time.monotonic() < verify_deadline:  # a write can trail the ack bookkeeping
+            time.sleep(0.5)
+            report = verify_index(index, expected, max_images=settings.limits.max_images)
+        t = phase("verify", t)
+        dead = [f"{d.product_id}: {d.kind}: {d.reason}" for d in DeadLetters(r).list(100)]
+        from workers.writer import FRESHNESS_KEY
+
+        lat = [int(x) for x in r.lrange(FRESHNESS_KEY, 0, -1)]  # type: ignore[union-attr]
+        latency: dict[str, float | int] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "n": len(lat)}
+        r.close()
+
+        # similarity: street photos of live products, searched like a shopper would
+        rows, hit1, hitk, random_weights = _queries(opts, settings, index, scenario, s3, console)
+        index.close()
+        t = phase("queries", t)
+        from cardigan.report import contact_sheet, html_report, results_table
+
+        title = f"Cardigan demo: {len(products)} products, {len(events)} events, model {model_version}"
+        console.print(results_table(rows, title="similarity: street photo → catalog (green: the right product)"))
+        png = contact_sheet(rows, out / "contact_sheet.png")
+        html = html_report(rows, out / "results.html", title=title)
+        phase("report", t)
+        timings["total"] = round(time.perf_counter() - t_start, 2)
+
+        ok = report.ok and not dead
+        result = DemoResult(
+            ok=ok,
+            verify=report,
+            products=len(products),
+            events=len(events),
+            images=n_images,
+            dead_letters=dead,
+            elapsed_s=elapsed,
+            events_per_s=len(events) / elapsed,
+            images_per_s=n_images / elapsed,
+            latency_ms=latency,
+            hit_at_1=hit1,
+            hit_at_k=hitk,
+            top_k=opts.top_k,
+            image_size=settings.encoder.image_size,
+            model_version=model_version,
+            random_weights=random_weights,
+            timings=timings,
+            out=out,
+            html=html,
+            png=png,
+            worker_pids=[w.pid for w in workers],
+        )
+        if opts.keep:
+            result.kept_env = env
+            _save_kept(out, data_dir, workers, started_services)
+            (out / "demo.env").write_text(_exports(env) + "\n")
+        result.summary_json = _write_summary(result, out / "summary.json")
+        return result
+    finally:
+        if not (opts.keep and result is not None):
+            for w in workers:
+                w.stop()
+            stopped = []
+            # from the pid files, not from up's return: an up that failed half way leaves servers too
+            running_now = [n for n, st in stack.status().items() if st["running"]]
+            mine = [n for n in running_now if n not in running_before or n in owned_before]
+            for name in reversed(mine):
+                with contextlib.suppress(CardiganError):
+                    if stack.stop_service(name):
+                        stopped.append(name)
+            _run_file(out).unlink(missing_ok=True)
+            if result is not None:
+                result.stopped_services = stopped
+
+
+def _queries(
+    opts: DemoOptions, settings: Settings, index: Any, scenario: Any, s3: Any, console: Console
+) -> tuple[list[Any], float | None, float | None, bool]:
+    """Search with a fresh street photo of random live products; one "similar items" row."""
+    from cardigan.catalog import query_photo
+    from cardigan.query import search_image, similar_products
+    from cardigan.report import Hit, QueryResult, hit_rate_at_k
+    from encoder import build_encoder
+
+    enc = build_encoder(settings.encoder).load()
+    live = sorted(scenario.live)
+    picks = random.Random(f"demo-queries:{opts.seed}").sample(live, min(opts.queries, len(live)))
+    cache: dict[str, bytes | None] = {}
+
+    def image(uri: str) -> bytes | None:
+        if uri not in cache:
+            bucket, _, key = uri.removeprefix("s3://").partition("/")
+            try:
+                cache[uri] = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except Exception:  # noqa: BLE001 - a missing thumbnail shows as "no image", not a crash
+                cache[uri] = None
+        return cache[uri]
+
+    rows: list[QueryResult] = []
+    for pid in picks:
+        photo = query_photo(scenario.expected[pid].product)
+        hits = search_image(index, enc, photo.data, k=opts.top_k, max_pixels=settings.limits.max_image_pixels, bbox=photo.bbox)
+        rows.append(
+            QueryResult(photo.data, f"street: {pid}", [Hit(h.product_id, image(h.image_uri), h.score) for h in hits], product_id=pid)
+        )
+    hit1 = hit_rate_at_k(rows, 1)
+    hitk = hit_rate_at_k(rows, opts.top_k)
+    if picks:
+        pid = picks[0]
+        own = scenario.expected[pid].product.images[0]
+        sims = similar_products(index, pid, k=opts.top_k, max_images=settings.limits.max_images)
+        hits = [Hit(h.product_id, image(h.image_uri), h.score) for h in sims]  # no right answer here
+        rows.append(QueryResult(own.data, f"similar: {pid}", hits))
+    return rows, hit1, hitk, bool(enc.random_weights)
+
+
+def _exports(env: Mapping[str, str]) -> str:
+    import shlex
+
+    return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
+
+
+def _write_summary(res: DemoResult, path: Path) -> Path:
+    data = {
+        "ok": res.ok,
+        "verify": {
+            "summary": res.verify.summary(),
+            "products_live": res.verify.products_live,
+            "products_deleted": res.verify.products_deleted,
+            "vectors_expected": res.verify.vectors_expected,
+            "vectors_found": res.verify.vectors_found,
+            "mismatches": res.verify.mismatches,
+        },
+        "dead_letters": res.dead_letters,
+        "products": res.products,
+        "events": res.events,
+        "images": res.images,
+        "elapsed_s": round(res.elapsed_s, 3),
+        "events_per_s": round(res.events_per_s, 2),
+        "images_per_s": round(res.images_per_s, 2),
+        "latency_ms": res.latency_ms,
+        "hit_at_1": res.hit_at_1,
+        "hit_at_k": res.hit_at_k,
+        "image_size": res.image_size,
+        "model_version": res.model_version,
+        "random_weights": res.random_weights,
+        "timings_s": res.timings,
+    }
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def print_result(res: DemoResult, console: Console) -> None:
+    """The lines a person reads at the end: verified or not, speed, freshness, outputs."""
+    if res.random_weights:
+        console.print(
+            "[yellow]note:[/] the encoder has RANDOM weights (no trained weights on this machine): indexing, versions "
+            "and verification are real, but similarity ranks are near chance (see the hit rates). For real search set "
+            "CARDIGAN_ENCODER__WEIGHTS to a trained checkpoint or a torchvision weights name."
+        )
+    v = res.verify
+    if res.ok:
+        console.print(f"[bold green]{v.summary()}[/]")
+    else:
+        console.print(f"[bold red]{v.summary()}[/]")
+        for m in v.mismatches[:20]:
+            console.print(f"  [red]✗[/] {m}")
+        if len(v.mismatches) > 20:
+            console.print(f"  … and {len(v.mismatches) - 20} more (see {res.summary_json})")
+        for d in res.dead_letters[:20]:
+            console.print(f"  [red]dead letter[/] {d}")
+    console.print(
+        f"throughput: {res.events} events, {res.images} images in {res.elapsed_s:.1f}s from first publish to drained = "
+        f"{res.events_per_s:.1f} events/s, {res.images_per_s:.1f} images/s"
+    )
+    lat = res.latency_ms
+    console.print(f"publish → searchable: p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms ({lat['n']} writes)")
+    if res.hit_at_1 is not None and res.verify.products_live:
+        n = res.verify.products_live
+        console.print(
+            f"search: the right product is #1 for {res.hit_at_1:.0%} of street photos, in the top {res.top_k} for {res.hit_at_k:.0%} "
+            f"(chance: {1 / n:.1%} and {min(1.0, res.top_k / n):.1%})"
+        )
+    t = res.timings
+    console.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+    console.print(f"outputs: {res.html}, {res.png}, {res.summary_json}")
+    if res.kept_env is not None:
+        console.print(
+            f"kept running: the stack and {len(res.worker_pids)} worker(s). Try: source {res.out / 'demo.env'} && cardigan status && "
+            "cardigan search <photo.jpg>; stop with: cardigan demo --stop"
+            + (f" --out {res.out}" if res.out != Path("demo-out").absolute() else "")
+        )
+    elif res.stopped_services:
+        console.print(f"stopped: {len(res.worker_pids)} worker(s), {', '.join(res.stopped_services)}")
+
+
+def demo(
+    products: int = typer.Option(200, "--products", "-n", min=1, max=100_000, help="synthetic products in the catalog"),
+    workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="worker processes (one model each)"),
+    keep: bool = typer.Option(False, "--keep", help="leave the stack and workers running (stop with --stop)"),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="where results.html, contact_sheet.png, logs and the stack go"),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="stack data directory (default <out>/stack)"),
+    seed: int = typer.Option(0, "--seed", help="catalog and scenario seed: same seed, same events"),
+    image_size: int | None = typer.Option(None, "--image-size", min=32, max=1024, help="encoder input size (default: settings, 224)"),
+    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="events in flight per worker"),
+    stop: bool = typer.Option(False, "--stop", help="only stop what an earlier --keep run left running"),
+) -> None:
+    """Run the whole system on this machine and check the index it builds."""
+    console = Console()
+    if stop:
+        n, services = stop_kept(out.absolute(), data_dir)
+        console.print(f"stopped {n} worker(s) and {', '.join(services) or 'no servers'}")
+        return
+    opts = DemoOptions(
+        products=products, workers=workers, keep=keep, out=out, data_dir=data_dir, seed=seed, image_size=image_size, concurrency=concurrency
+    )
+    try:
+        res = run_demo(opts, console)
+    except CardiganError as e:
+        console.print(f"[red]demo failed:[/] {e.reason}")
+        raise typer.Exit(2) from None
+    except ValueError as e:  # settings: an unknown backbone, bad weights name, …
+        console.print(f"[red]demo failed (configuration):[/] {e}")
+        raise typer.Exit(2) from None
+    print_result(res, console)
+    raise typer.Exit(0 if res.ok else 1)
+
+
+def register(app: typer.Typer) -> None:
+    """``cardigan demo``."""
+    app.command("demo")(demo)

@@ -1,0 +1,97 @@
+"""``cardigan demo`` at reduced size: it runs end to end, and its verification can fail."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from cardigan.demo import DemoOptions, DemoResult, print_result, run_demo
+from cardigan.stack import Stack
+from cardigan.verify import Expected
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {"products": 12, "workers": 1, "image_size": 64, "concurrency": 8, "queries": 3}
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, width=200, color_system=None), buf
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+def _nothing_runs(res: DemoResult) -> None:
+    assert all(_gone(p) for p in res.worker_pids), "demo workers left running"
+    st = Stack(res.out / "stack").status()
+    assert not any(s["running"] for s in st.values()), st
+
+
+def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
+    console, buf = _console()
+    res = run_demo(DemoOptions(out=tmp_path / "out", **SMALL), console)
+    print_result(res, console)
+    text = buf.getvalue()
+    assert res.ok, text
+    v = res.verify
+    assert v.products_live + v.products_deleted == 12 and v.products_deleted >= 1
+    assert v.vectors_found == v.vectors_expected > v.products_live  # some products have several photos
+    assert "verified: " in text and "events/s" in text and "p99" in text
+    assert res.events > 12 and res.events_per_s > 0 and res.images_per_s > 0
+    assert res.latency_ms["n"] >= v.products_live and 0 < res.latency_ms["p50"] <= res.latency_ms["p99"]
+    assert res.dead_letters == []
+    # the outputs exist and hold the queries: 3 street photos plus one "similar items" row
+    with Image.open(res.png) as png:
+        assert png.format == "PNG" and png.height > 4 * 128
+    html = res.html.read_text()
+    assert html.count("<section>") == 4 and "data:image/jpeg;base64," in html
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["ok"] is True and summary["events"] == res.events
+    assert res.image_size == 64 and "-64-" in res.model_version
+    _nothing_runs(res)
+    assert sorted(res.stopped_services) == ["milvus", "moto", "valkey"]
+
+
+def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = run_demo(DemoOptions(out=out, keep=True, seed=0, **SMALL), _console()[0])
+    assert first.ok and first.kept_env is not None
+    assert not any(_gone(p) for p in first.worker_pids), "--keep should leave the workers running"
+
+    tampered: dict[str, str] = {}
+
+    def tamper(expected: dict[str, Expected | None]) -> None:
+        live = sorted(p for p, e in expected.items() if e is not None)
+        gone_pid, bumped = live[0], live[1]
+        expected[gone_pid] = None  # claims a live product was deleted
+        e = expected[bumped]
+        assert e is not None
+        expected[bumped] = Expected(e.version + 1, e.n_images, e.model_version)  # claims a newer version
+        tampered.update(deleted=gone_pid, bumped=bumped)
+
+    # another seed: other products change, so leftovers of the first run would show as mismatches
+    console, buf = _console()
+    second = run_demo(DemoOptions(out=out, seed=1, verify_timeout_s=2, tamper=tamper, **SMALL), console)
+    print_result(second, console)
+    text = buf.getvalue()
+    assert not second.ok
+    mism = second.verify.mismatches
+    assert len(mism) == 2, mism  # exactly the two lies, nothing left over from the first run
+    assert any(m.startswith(f"{tampered['deleted']}: deleted, but") for m in mism), mism
+    assert any(m.startswith(f"{tampered['bumped']}: expected version") for m in mism), mism
+    assert "MISMATCH (2 products differ)" in text and tampered["deleted"] in text
+    assert json.loads((out / "summary.json").read_text())["ok"] is False
+    # the first run's workers were replaced, and the stack it kept is stopped now
+    assert all(_gone(p) for p in first.worker_pids)
+    _nothing_runs(second)
