@@ -18,6 +18,8 @@ from rich.table import Table
 from cardigan.errors import CardiganError
 from config.settings import Settings, load_settings
 
+EX_CONFIG = 78  # a worker's exit status for a configuration error (workers/runtime.py)
+
 app = typer.Typer(help="Keep a visual-search index of product images live.", no_args_is_help=True, pretty_exceptions_enable=False)
 dead_app = typer.Typer(help="Dead letters: events that could not be indexed, with their reasons.", no_args_is_help=True)
 stack_app = typer.Typer(help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto).", no_args_is_help=True)
@@ -120,6 +122,10 @@ def worker(
         time.sleep(0.5)
         for i, p in enumerate(procs):
             if p.poll() is not None and not stopping:
+                if p.returncode == EX_CONFIG:
+                    err_console.print(f"worker {i} cannot start: a configuration error (see its log above); not restarting")
+                    _stop(signal.SIGTERM, None)
+                    raise typer.Exit(2)
                 err_console.print(f"worker {i} exited with {p.returncode}; restarting")
                 procs[i] = subprocess.Popen(argvs[i])
     for p in procs:

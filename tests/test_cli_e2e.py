@@ -92,3 +92,11 @@ def test_cli_publish_reads_stdin_and_reports_json(ns: Namespace) -> None:
     assert report["rejected"] == [{"line": 3, "reason": "type: unknown event type 'nope': expected 'add', 'modify' or 'delete'"}]
     assert ns.queue_depth() == 1
     _ = photo  # the same helpers build images for both files
+
+
+def test_e2e_worker_with_a_config_error_stops_instead_of_looping(ns: Namespace) -> None:
+    env = {**os.environ, **ns.env, "CARDIGAN_ENCODER__BACKBONE": "no_such_net"}
+    res = subprocess.run([sys.executable, "-m", "cardigan.cli", "worker", "-c", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Unknown backbone 'no_such_net'" in res.stdout + res.stderr
+    assert "configuration error" in res.stderr

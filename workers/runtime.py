@@ -8,6 +8,7 @@ builds it instead (and retries while it cannot).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -67,11 +68,18 @@ def pipeline() -> Pipeline:
     return _pipeline
 
 
+EX_CONFIG = 78  # sysexits.h: a configuration error; `cardigan worker` does not restart on it
+
+
 def _start(**_: Any) -> None:
     try:
         pipeline()
-    except CardiganError as e:
+    except CardiganError as e:  # a dependency is down: tasks retry until it is back
         log.error("pipeline not ready at start (%s); the first task will try again", e.reason)
+    except (ValueError, FileNotFoundError) as e:  # unknown backbone, bad weights path…: fail fast
+        log.critical("worker cannot start: %s", e)
+        logging.shutdown()
+        os._exit(EX_CONFIG)
 
 
 def _stop(**_: Any) -> None:
