@@ -217,6 +217,8 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
     t.add_row("dead letters", str(st["dead_letters"]))
     t.add_row("alias", f"{st['alias']} -> {st['live_collection']}")
     t.add_row("write targets", ", ".join(st["write_targets"]))
+    if rx := st.get("reindex"):
+        t.add_row("reindex", f"{rx.get('phase')}: {rx.get('old')} -> {rx.get('new')}, {rx.get('done')}/{rx.get('total')} products")
     for name, c in st["collections"].items():
         t.add_row(f"collection {name}", f"{c['rows']} vectors" + (" (live)" if c["live"] else ""))
     t.add_row("drained", "yes" if st["drained"] else "no")

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 DIM = 512
 _VERSIONED = re.compile(r"^(?P<alias>.+)_v(?P<n>\d+)$")
-OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "version", "model_version", "attributes"]
+OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes"]
 
 
 def collection_name(alias: str, n: int) -> str:
@@ -102,6 +102,9 @@ class Index:
         schema.add_field("product_id", DataType.VARCHAR, max_length=200)
         schema.add_field("image_index", DataType.INT64)
         schema.add_field("image_uri", DataType.VARCHAR, max_length=1100)
+        # how the image was cropped ({"bbox": [...]} or {"bbox": null}), so a reindex from the
+        # index crops exactly as the event asked
+        schema.add_field("crop", DataType.JSON)
         schema.add_field("version", DataType.INT64)
         schema.add_field("model_version", DataType.VARCHAR, max_length=128)
         schema.add_field("attributes", DataType.JSON)

@@ -218,7 +218,9 @@ class Reindexer:
                 "`cardigan reindex --abort` drops it"
             )
         old = self.index.ensure()
-        new = collection_name(self.s.collection, max(collection_number(c) for c in [old, *self.index.collections()]) + 1)
+        # never reuse a name, not even an aborted run's: its late chunks must find no target
+        used = [old, *self.index.collections(), st.get("new") or ""]
+        new = collection_name(self.s.collection, max(collection_number(c) for c in used) + 1)
         self.index.create_collection(new)
         tombstones, live_products = self._copy_tombstones(old, new)
         run = uuid.uuid4().hex[:12]

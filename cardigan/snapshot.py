@@ -52,7 +52,7 @@ def events_from_collection(index: Index, guard: VersionGuard, collection: str, p
     recs = guard.versions(collection, pids)
     keys = [primary_key(p, i) for p in pids for i in range(max_images)]
     rows: dict[str, list[dict[str, Any]]] = {}
-    for row in index.get(keys, ["product_id", "image_index", "image_uri", "version", "attributes"], collection):
+    for row in index.get(keys, ["product_id", "image_index", "image_uri", "crop", "version", "attributes"], collection):
         rows.setdefault(row["product_id"], []).append(row)
     out: dict[str, Event | None] = {}
     for pid in pids:
@@ -68,7 +68,7 @@ def events_from_collection(index: Index, guard: VersionGuard, collection: str, p
         if (rec is not None and rec[0] != top) or [int(r["image_index"]) for r in cur] != list(range(len(cur))):
             out[pid] = None
             continue
-        images = [{"uri": r["image_uri"]} for r in cur]
+        images = [_image(r) for r in cur]
         out[pid] = Event.model_validate(
             {"type": "modify", "product_id": pid, "version": top, "images": images, "attributes": cur[0].get("attributes") or {}}
         )
@@ -182,3 +182,9 @@ def wire(ev: Event) -> dict[str, Any]:
         if img.get("bbox") is None:
             img.pop("bbox", None)
     return body
+
+
+def _image(row: dict[str, Any]) -> dict[str, Any]:
+    """An event image from a stored row, with the bbox the original event gave."""
+    bbox = (row.get("crop") or {}).get("bbox")
+    return {"uri": row["image_uri"], **({"bbox": bbox} if bbox else {})}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -24,6 +25,7 @@ from cardigan.guard import VersionGuard
 from cardigan.index import collection_name
 from cardigan.publish import Publisher
 from cardigan.reindex import ReindexState
+from cardigan.snapshot import SourceError, count_manifest, count_s3, manifest_items, s3_items
 from cardigan.stack import free_port
 from cardigan.status import collect_status
 from cardigan.verify import Expected
@@ -50,6 +52,7 @@ class Catalog:
         self.bucket = ns.settings.bucket
         self.versions: dict[str, int] = {}
         self.expected: dict[str, Expected | None] = {}
+        self.latest: dict[str, dict[str, Any]] = {}  # the newest event of each product
 
     def add(self, pid: str, n: int, kind: str = "add") -> dict[str, Any]:
         v = self.versions.get(pid, 0) + 1
@@ -61,13 +64,19 @@ class Catalog:
             self.s3.put_object(Bucket=self.bucket, Key=key, Body=photo(base + v * 10 + i))
             uris.append(f"s3://{self.bucket}/{key}")
         self.expected[pid] = Expected(v, n)
-        return {"type": kind, "product_id": pid, "version": v, "images": [{"uri": u} for u in uris], "attributes": {"category": "test"}}
+        images: list[dict[str, Any]] = [{"uri": u} for u in uris]
+        if zlib.crc32(pid.encode()) % 2:  # half the products say where the item is
+            images[0]["bbox"] = [4, 6, 90, 88]
+        ev = {"type": kind, "product_id": pid, "version": v, "images": images, "attributes": {"category": "test"}}
+        self.latest[pid] = ev
+        return ev
 
     def delete(self, pid: str) -> dict[str, Any]:
         v = self.versions.get(pid, 0) + 1
         self.versions[pid] = v
         self.expected[pid] = None
-        return {"type": "delete", "product_id": pid, "version": v}
+        self.latest[pid] = {"type": "delete", "product_id": pid, "version": v}
+        return self.latest[pid]
 
     def live(self) -> list[str]:
         return sorted(p for p, e in self.expected.items() if e is not None)
@@ -172,6 +181,10 @@ def test_reindex_interrupted_resumes_without_duplicates(ns: Namespace) -> None:
     assert sorted(r.smembers(f"cardigan:write_targets:{alias}")) == [v2]
     converge(ns, cat.with_model(model(ns, 0)))
     assert index.count() == sum(e.n_images for e in cat.expected.values() if e)
+    # rebuilt from the index, every image is cropped as its event said (the bbox travels along)
+    for pid in cat.live():
+        want = [img.get("bbox") for img in cat.latest[pid]["images"]]
+        assert [row["crop"]["bbox"] for row in index.get_product(pid, 8)] == want, pid
 
     # an aborted reindex leaves the live collection alone; its late chunks are skipped
     consume(ns, worker, [s.bulk_queue], on=False)
@@ -188,6 +201,20 @@ def test_reindex_interrupted_resumes_without_duplicates(ns: Namespace) -> None:
     assert index.collections() == [v2] and index.live_collection() == v2
     assert "not a write target any more" in worker.log_text()
     assert v3 not in index.client.list_collections()
+
+    # from a manifest (the catalog's own export): a bad line is reported, the rest rebuilt;
+    # the aborted run's name is not reused
+    manifest = ns.tmp / "catalog.jsonl"
+    lines = [json.dumps(cat.latest[p]) for p in sorted(cat.latest)]
+    lines.insert(4, '{"type": "modify", "product_id": "bad id", "version": 1}')
+    manifest.write_text("\n".join(lines) + "\n")
+    res = reindex_here(ns, "--manifest", str(manifest), "--chunk", "8", seed=0)
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "line 5: product_id" in res.output, res.output
+    st = state.get()
+    assert (st["phase"], st["source"], st["published"], st["rejected"], st["total"]) == ("done", "manifest", "30", "1", "31"), st
+    v4 = collection_name(alias, 4)
+    assert index.live_collection() == v4 and index.collections() == [v4]
     converge(ns, cat.with_model(model(ns, 0)))
 
 
@@ -290,3 +317,51 @@ def test_reindex_under_live_traffic_new_model_switches_once(ns: Namespace) -> No
     assert metrics["cardigan_publish_to_searchable_seconds_count"] > 0
     assert metrics["cardigan_embed_batch_size_count"] > 0 and metrics["cardigan_write_batch_seconds_count"] > 0
     assert any(k.startswith("cardigan_worker_info{") and new_model in k for k in metrics)
+
+
+# -- snapshot sources --------------------------------------------------------------------------
+
+
+def test_s3_prefix_snapshot_groups_products_in_key_order_and_resumes(ns: Namespace) -> None:
+    s3, bucket = ns.s3(), ns.settings.bucket
+    keys = ["snap/a/1.jpg", "snap/a/0.JPG", "snap/a/2.jpg", "snap/a-b/0.jpg", "snap/a./x.jpeg", "snap/a0/0.jpg"]
+    keys += ["snap/bad id/0.jpg", "snap/readme.txt", "snap/c/notes.txt", "other/z/0.jpg"]
+    for key in keys:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"jpeg")
+    uri = f"s3://{bucket}/snap"  # the trailing slash is optional
+    items = list(s3_items(s3, uri, after=None, max_images=2, max_id_len=128))
+    # key order ('-' < '.' < '/' < '0'); readme.txt and a folder without images are no products
+    assert [it.event.product_id if it.event else None for it in items] == ["a-b", "a.", "a", "a0", None]
+    assert items[-1].rejected and "not a valid product id" in items[-1].rejected
+    a = items[2].event
+    assert a is not None and a.type == "modify"
+    assert [img.uri for img in a.images] == [f"s3://{bucket}/snap/a/0.JPG", f"s3://{bucket}/snap/a/1.jpg"]  # at most max_images
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix="snap/a/")["Contents"]
+    assert a.version == max(int(o["LastModified"].timestamp() * 1000) for o in listed[:2])
+    # resuming after a product yields exactly the ones after it
+    rest = list(s3_items(s3, uri, after=items[2].cursor, max_images=2, max_id_len=128))
+    assert [it.cursor for it in rest] == [it.cursor for it in items[3:]]
+    assert count_s3(s3, uri + "/") == 5
+    with pytest.raises(SourceError, match="s3://bucket/prefix/"):
+        list(s3_items(s3, f"{bucket}/snap", after=None, max_images=2, max_id_len=128))
+
+
+def test_manifest_snapshot_reports_bad_lines_and_resumes(tmp_path: Path) -> None:
+    good = {"type": "add", "product_id": "m-1", "version": 3, "images": [{"uri": "s3://b/m-1/0.jpg", "bbox": [1, 2, 30, 40]}]}
+    path = tmp_path / "m.jsonl"
+    lines = [
+        json.dumps(good),
+        "",
+        "{not json",
+        json.dumps({**good, "images": []}),
+        json.dumps({"type": "delete", "product_id": "m-2", "version": 9}),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    items = list(manifest_items(path, after=None, max_images=8, max_id_len=128))
+    assert [it.cursor for it in items] == ["1", "3", "4", "5"]
+    assert items[1].rejected and items[1].rejected.startswith("line 3: ") and "malformed JSON" in items[1].rejected
+    assert items[2].rejected and items[2].rejected.startswith("line 4: images")
+    assert items[0].event is not None and items[0].event.images[0].bbox == (1, 2, 30, 40)  # a manifest keeps the boxes
+    assert items[3].event is not None and items[3].event.type == "delete"
+    assert [it.cursor for it in manifest_items(path, after="3", max_images=8, max_id_len=128)] == ["4", "5"]
+    assert count_manifest(path) == 4

@@ -300,25 +300,25 @@ def redis_tls(stack: StackInfo, cert: tuple[Path, Path]) -> Iterator[TLSProxy]:
     p.close()
 
 
-def test_rediss_broker_and_state_over_tls(redis_tls: TLSProxy, cert: tuple[Path, Path], stack: StackInfo) -> None:
+def test_rediss_broker_and_state_over_tls(redis_tls: TLSProxy, cert: tuple[Path, Path], ns: Namespace) -> None:
     """Real TLS to Valkey: works with the CA given, refused for an unknown CA or another host name."""
-    ca = cert[0]
-    db = 13
-    good = f"rediss://localhost:{redis_tls.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
-    plain = redis.Redis.from_url(stack.broker_url.rsplit("/", 1)[0] + f"/{db}")
-    plain.flushdb()
-    s = Settings(broker_url=good, queue="tls.events")
-    # a task message published over TLS lands in the queue
     from cardigan.publish import Publisher
 
+    ca = cert[0]
+    db = ns.env["CARDIGAN_BROKER_URL"].rsplit("/", 1)[1]  # this test's own database
+    queue = ns.settings.queue
+    good = f"rediss://localhost:{redis_tls.port}/{db}?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    plain = ns.state()
+    s = Settings(broker_url=good, queue=queue)
+    # a task message published over TLS lands in the queue
     Publisher(s).publish({"type": "delete", "product_id": "tls-1", "version": 1})
-    assert plain.llen("tls.events") == 1
+    assert plain.llen(queue) == 1
     assert make_redis(s.effective_state_url).ping()  # the state store: redis-py, same URL
     before = redis_tls.handshakes
     assert before >= 2
 
     # no CA given: the self-signed certificate is refused by kombu and by redis-py
-    untrusted = Settings(broker_url=f"rediss://localhost:{redis_tls.port}/{db}", queue="tls.events")
+    untrusted = Settings(broker_url=f"rediss://localhost:{redis_tls.port}/{db}", queue=queue)
     with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
         with create_app(untrusted).connection_for_write() as conn:
             conn.ensure_connection(max_retries=1)
@@ -329,8 +329,7 @@ def test_rediss_broker_and_state_over_tls(redis_tls: TLSProxy, cert: tuple[Path,
     with pytest.raises(redis.ConnectionError, match="mismatch"):
         make_redis(wrong_host).ping()
     assert redis_tls.handshakes == before, "no refused connection completed a handshake"
-    assert plain.llen("tls.events") == 1
-    plain.flushdb()
+    assert plain.llen(queue) == 1
 
 
 def test_amqps_checks_certificate_and_host_name(cert: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -148,6 +148,7 @@ class Pipeline:
                 "product_id": ev.product_id,
                 "image_index": i,
                 "image_uri": img.uri,
+                "crop": {"bbox": list(img.bbox) if img.bbox else None},
                 "version": ev.version,
                 "model_version": mv,
                 "attributes": ev.attributes,

@@ -1,0 +1,580 @@
+"""Training the embedding net with the seed deck's triplet hinge loss, sized for a CPU.
+
+Deep ranking (the deck, VisNet): for a query photo q of a product, a positive p (another
+photo of the same product) and a negative n (a photo of another product), minimise
+``max(0, g + D(q, p) - D(q, n))`` with D the euclidean distance between unit embeddings.
+Here a batch holds ``batch`` products with two photos each, and every photo is an anchor
+once; its negative is mined in the batch (semi-hard by default), so one forward pass of
+2·batch images yields 2·batch triplets.
+
+Train and index see the same pixels: every photo goes through :func:`cardigan.crop.preprocess`,
+the worker's own decode → crop → resize. Positives get random crops, flips and colour jitter
+(``torchvision.transforms.v2``); a product with one photo is paired with an augmented copy.
+
+CPU budget: the first ``freeze`` trunk blocks can be frozen, and then their output is
+computed once per photo and view (``views`` augmented copies) instead of at every step:
+the expensive high-resolution layers run once, the rest of the net trains from the cache.
+
+The result is one :func:`encoder.save_checkpoint` file holding the whole net, BatchNorm
+running statistics included (re-measured on training photos after the last step), so
+``CARDIGAN_ENCODER__WEIGHTS=<path>`` is all a worker needs; its model version names the
+checkpoint's sha256.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torchvision.transforms import v2
+
+from cardigan.crop import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from cardigan.errors import CardiganError
+from config.settings import EncoderSettings, LimitSettings
+from encoder.checkpoint import save_checkpoint
+from encoder.encoder import Encoder, model_version_for
+from encoder.model import EMBEDDING_DIM, EmbeddingNet
+
+Mining = Literal["semihard", "hardest", "all"]
+HIT_KS = (1, 5)
+TRAIN_PREFIX = "train"  # product ids of the training catalog: never the demo's "demo-…"
+_EMBED_BATCH = 64
+_BN_IMAGES = 512  # training photos that re-measure the BatchNorm statistics after training
+_MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+class Photo(Protocol):
+    """One photo: encoded bytes and where the product is (None: crop like the worker does)."""
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def bbox(self) -> Sequence[float] | None: ...
+
+
+class Product(Protocol):
+    """A product and its photos (``SyntheticProduct`` fits, and so does :class:`TrainProduct`)."""
+
+    @property
+    def product_id(self) -> str: ...
+
+    @property
+    def images(self) -> Sequence[Photo]: ...
+
+
+@dataclass(frozen=True)
+class TrainPhoto:
+    data: bytes = field(repr=False)
+    bbox: tuple[float, float, float, float] | None = None
+
+
+@dataclass(frozen=True)
+class TrainProduct:
+    """A training product from any source: photos of one product, at least one."""
+
+    product_id: str
+    images: Sequence[Photo]
+
+
+@dataclass
+class TrainReport:
+    """What a training run did and how retrieval on held-out products changed."""
+
+    backbone: str
+    image_size: int
+    products: int  # training products
+    photos: int  # training photos (after preprocessing; skipped ones are counted apart)
+    skipped_photos: int
+    heldout_products: int
+    steps: int
+    batch: int
+    lr: float
+    margin: float
+    freeze: int
+    seed: int
+    losses: list[float]  # one per step
+    active: list[float]  # share of triplets with a non-zero loss, per step
+    hit_before: dict[int, float]  # k -> hit@k on the held-out queries, untrained net
+    hit_after: dict[int, float]
+    stopped_by: Literal["steps", "time budget"]
+    prep_s: float  # decode/crop/augment/cache
+    train_s: float  # optimisation steps and the BatchNorm re-measurement
+    eval_s: float  # held-out retrieval, before and after
+    total_s: float
+    checkpoint: Path | None = None
+    checkpoint_sha256: str | None = None
+    model_version: str | None = None
+    net: EmbeddingNet | None = field(default=None, repr=False, compare=False)  # the trained net, in eval mode
+
+    def summary(self) -> str:
+        """One line: hit@k before → after, steps and time."""
+        hits = ", ".join(f"hit@{k} {self.hit_before.get(k, float('nan')):.0%} → {self.hit_after.get(k, float('nan')):.0%}" for k in HIT_KS)
+        return (
+            f"{hits} on {self.heldout_products} held-out products; {self.steps} steps of {self.batch} triplet pairs "
+            f"in {self.train_s:.0f}s ({self.total_s:.0f}s in all) on {self.products} products"
+        )
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """A normalised crop back to its 8-bit pixels (exact: the crop was 8-bit before)."""
+    return (x.unsqueeze(0) * _STD + _MEAN).mul_(255).round_().clamp_(0, 255).to(torch.uint8)[0]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    """N×3×S×S uint8 or [0, 1] float → what the net takes (the worker's ImageNet mean/std)."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    return (x - _MEAN) / _STD
+
+
+def _preprocess_all(photos: Sequence[Photo], size: int, max_pixels: int, workers: int = 2) -> list[torch.Tensor | None]:
+    """Each photo through the worker's preprocessing; None for a photo the worker would reject."""
+
+    def one(p: Photo) -> torch.Tensor | None:
+        try:
+            return preprocess(p.data, p.bbox, size=size, max_pixels=max_pixels)[0]
+        except CardiganError:  # corrupt, too big, bad bbox: the worker would dead-letter it too
+            return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL
+        return list(pool.map(one, photos))
+
+
+def make_augment(size: int) -> v2.Transform:
+    """Random crop, flip and colour jitter of one uint8 crop: what differs between two photos."""
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.55, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+        ]
+    )
+
+
+def _augmented(images: torch.Tensor, augment: v2.Transform) -> torch.Tensor:
+    """A normalised float batch of augmented copies (the global torch RNG draws the crops)."""
+    return _normalise(torch.stack([augment(img) for img in images]))
+
+
+# --------------------------------------------------------------------------- model pieces
+
+
+def build_net(settings: EncoderSettings) -> EmbeddingNet:
+    """The net exactly as a worker's Encoder builds it (seeded init and BN calibration for
+    random weights, a pretrained trunk, or a checkpoint), on the CPU in float32."""
+    return Encoder(settings)._build()  # same package: one build path for train and serve
+
+
+@contextlib.contextmanager
+def _trunk_from(net: EmbeddingNet, start: int) -> Iterator[None]:
+    """Run ``net`` from trunk block ``start`` on (inputs: cached block outputs).
+
+    Swaps in a slice sharing the same modules, so :meth:`EmbeddingNet.forward` is reused as is
+    and the state_dict keys are untouched once restored.
+    """
+    if start == 0:
+        yield
+        return
+    trunk = net.trunk
+    assert isinstance(trunk, nn.Sequential)
+    net.trunk = trunk[start:]
+    try:
+        yield
+    finally:
+        net.trunk = trunk
+
+
+def _trunk_blocks(net: EmbeddingNet) -> int:
+    return len(net.trunk) if isinstance(net.trunk, nn.Sequential) else 1
+
+
+def _norms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def _embed(net: nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Embeddings of a normalised batch, in eval mode, in chunks (memory stays flat)."""
+    net.eval()
+    out = [net(x[i : i + _EMBED_BATCH].to(device)).float().cpu() for i in range(0, len(x), _EMBED_BATCH)]
+    return torch.cat(out) if out else torch.empty(0, EMBEDDING_DIM)
+
+
+@torch.no_grad()
+def _remeasure_batchnorm(net: EmbeddingNet, x: torch.Tensor, batch: int, device: torch.device) -> None:
+    """BatchNorm running statistics as the plain average over training batches ("precise BN").
+
+    The running averages kept during training trail the weights (momentum 0.1 over the last
+    few dozen steps); the checkpoint should carry statistics of the final weights.
+    """
+    norms = _norms(net)
+    momenta = [m.momentum for m in norms]
+    net.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over every batch below
+        m.train()
+    try:
+        for i in range(0, len(x), batch):
+            chunk = x[i : i + batch]
+            if len(chunk) > 1:
+                net(chunk.to(device))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        net.eval()
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float, mining: Mining = "semihard") -> tuple[torch.Tensor, float]:
+    """Mean of ``max(0, g + D(a, p) - D(a, n))`` over anchors; the share of active triplets.
+
+    ``emb`` is 2B unit rows, row i and row i+B are the two photos of one product (each the
+    other's positive); negatives are the rows of other products. Mining picks, per anchor:
+    ``semihard``: the closest negative farther than the positive (FaceNet), else the farthest;
+    ``hardest``: the closest negative; ``all``: every negative, averaged over active triplets.
+    """
+    n = emb.shape[0]
+    half = n // 2
+    # Euclidean distance of unit vectors: sqrt(2 - 2cos); clamped so the gradient stays finite.
+    dist = (2 - 2 * emb @ emb.T).clamp_min(1e-12).sqrt()
+    idx = torch.arange(n, device=emb.device)
+    pos = dist[idx, (idx + half) % n]
+    neg_mask = labels.view(-1, 1) != labels.view(1, -1)
+    big = torch.finfo(dist.dtype).max
+    if mining == "all":
+        losses = F.relu(margin + pos.view(-1, 1) - dist)[neg_mask]
+        active = losses > 0
+        loss = losses[active].mean() if active.any() else losses.sum() * 0
+        return loss, float(active.float().mean())
+    if mining == "hardest":
+        d_an = dist.masked_fill(~neg_mask, big).min(1).values
+    elif mining == "semihard":
+        farther = neg_mask & (dist > pos.view(-1, 1))
+        outside = dist.masked_fill(~farther, big).min(1).values
+        inside = dist.masked_fill(~neg_mask, -big).max(1).values
+        d_an = torch.where(farther.any(1), outside, inside)
+    else:
+        raise ValueError(f"mining must be semihard, hardest or all, not {mining!r}")
+    losses = F.relu(margin + pos - d_an)
+    return losses.mean(), float((losses > 0).float().mean())
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class EvalSet:
+    """Held-out retrieval: street-photo queries against every catalog photo of their products."""
+
+    gallery: torch.Tensor  # normalised crops
+    gallery_products: list[int]
+    queries: torch.Tensor
+    query_products: list[int]
+    n_products: int
+
+
+def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
+    """Queries from :func:`cardigan.catalog.query_photo` (a new street photo of each product)."""
+    from cardigan.catalog import SyntheticProduct, query_photo
+
+    synthetic = [p for p in products if isinstance(p, SyntheticProduct)]
+    if len(synthetic) != len(products):
+        raise TypeError("held-out products must be SyntheticProducts: their query photos are rendered with catalog.query_photo")
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        queries = list(pool.map(query_photo, synthetic))
+    photos = [img for p in products for img in p.images]
+    owners = [i for i, p in enumerate(products) for _ in p.images]
+    crops = _preprocess_all([*photos, *queries], size, max_pixels, workers)
+    g = [(c, o) for c, o in zip(crops[: len(photos)], owners, strict=True) if c is not None]
+    q = [(c, i) for i, c in enumerate(crops[len(photos) :]) if c is not None]
+    empty = torch.empty(0, 3, size, size)
+    return EvalSet(
+        gallery=torch.stack([c for c, _ in g]) if g else empty,
+        gallery_products=[o for _, o in g],
+        queries=torch.stack([c for c, _ in q]) if q else empty,
+        query_products=[i for _, i in q],
+        n_products=len(products),
+    )
+
+
+def hit_rates(net: nn.Module, ev: EvalSet, device: torch.device, ks: Sequence[int] = HIT_KS) -> dict[int, float]:
+    """Share of queries whose product is among the ``k`` best products (best photo per product),
+    ranked like :func:`cardigan.query.search_image` ranks the index."""
+    if not len(ev.queries) or not len(ev.gallery):
+        return {k: float("nan") for k in ks}
+    sims = _embed(net, ev.queries, device) @ _embed(net, ev.gallery, device).T  # cosine: unit rows
+    per_product = torch.full((len(ev.queries), ev.n_products), -2.0)
+    owners = torch.tensor(ev.gallery_products)
+    per_product.scatter_reduce_(1, owners.expand(len(ev.queries), -1), sims, reduce="amax")
+    truth = torch.tensor(ev.query_products)
+    rank = (per_product > per_product[torch.arange(len(truth)), truth].unsqueeze(1)).sum(1)  # 0: first
+    return {k: float((rank < k).float().mean()) for k in ks}
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_triplets(
+    settings: EncoderSettings,
+    products: Sequence[Product],
+    *,
+    heldout: Sequence[Product] = (),
+    steps: int = 400,
+    batch: int = 32,
+    lr: float = 2e-3,
+    margin: float = 0.2,
+    seed: int = 0,
+    time_budget_s: float | None = None,
+    out: str | Path | None = None,
+    freeze: int = 0,
+    views: int = 4,
+    mining: Mining = "semihard",
+    weight_decay: float = 1e-4,
+    log_every: int = 20,
+    max_pixels: int | None = None,
+    console: Console | None = None,
+) -> TrainReport:
+    """Train the net ``settings`` describes on ``products`` with the triplet hinge loss.
+
+    Stops after ``steps`` steps or ``time_budget_s`` seconds of optimisation, whichever comes
+    first (the learning rate anneals over whichever is nearer, so a budget-limited run still
+    ends cool). Deterministic for a seed when stopped by ``steps`` on the CPU: every random
+    draw comes from ``seed``, and the global torch RNG is restored afterwards. ``heldout``
+    (SyntheticProducts) are measured before and after: hit@1 and hit@5 of a street photo.
+    ``out``: where the checkpoint goes (nothing is written without it).
+    """
+    t_start = time.perf_counter()
+    console = console or Console(stderr=True)
+    if batch < 2:
+        raise ValueError("batch must be at least 2 products (a triplet needs another product's photo)")
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    usable = [p for p in products if len(p.images) > 0]
+    if len(usable) < 2:
+        raise ValueError(f"training needs at least 2 products with photos, got {len(usable)}")
+    size = settings.image_size
+    max_pixels = max_pixels or LimitSettings().max_image_pixels
+    encoder = Encoder(settings)
+    device = encoder.device
+    net = build_net(settings)
+    blocks = _trunk_blocks(net)
+    if not 0 <= freeze < blocks:
+        raise ValueError(f"freeze must be 0..{blocks - 1} trunk blocks for {settings.backbone}, got {freeze}")
+
+    with torch.random.fork_rng(devices=[]), console.status("preparing training photos…"):
+        torch.manual_seed(seed)  # dropout and the augmentations draw from the global RNG
+        rng = random.Random(f"train:{seed}")
+        t = time.perf_counter()
+        # ---- data: every photo cropped exactly like the worker crops it
+        photos = [img for p in usable for img in p.images]
+        owners = [i for i, p in enumerate(usable) for _ in p.images]
+        crops = _preprocess_all(photos, size, max_pixels)
+        kept = [(c, o) for c, o in zip(crops, owners, strict=True) if c is not None]
+        skipped = len(crops) - len(kept)
+        images = torch.stack([_to_uint8(c) for c, _ in kept])
+        label_of = torch.tensor([o for _, o in kept])
+        by_product: dict[int, list[int]] = {}
+        for j, (_, o) in enumerate(kept):
+            by_product.setdefault(o, []).append(j)
+        product_ids = sorted(by_product)
+        if len(product_ids) < 2:
+            raise ValueError("fewer than 2 products have a usable photo: nothing to contrast")
+        pairs_per_step = min(batch, len(product_ids))
+        ev = make_eval_set(heldout, size, max_pixels) if heldout else None
+        augment = make_augment(size)
+        net.to(device)
+        # ---- frozen blocks: their output, once per photo and view (view 0: the plain crop)
+        cache: torch.Tensor | None = None
+        if freeze:
+            assert isinstance(net.trunk, nn.Sequential)
+            prefix = net.trunk[:freeze]
+            prefix.requires_grad_(False)
+            cache = _cache_prefix(prefix, images, augment, views, device)
+        prep_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        before = hit_rates(net, ev, device) if ev else {}
+        eval_s = time.perf_counter() - t
+
+        # ---- optimisation
+        t = time.perf_counter()
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        warmup = max(1, min(20, steps // 10))
+        losses: list[float] = []
+        actives: list[float] = []
+        stopped_by: Literal["steps", "time budget"] = "steps"
+        pair_labels = torch.arange(pairs_per_step).repeat(2).to(device)
+        with (
+            _trunk_from(net, freeze),
+            Progress(
+                TextColumn("training {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            ) as progress,
+        ):
+            task = progress.add_task(f"{settings.backbone}@{size}px", total=steps, loss=float("nan"))
+            for step in range(steps):
+                elapsed = time.perf_counter() - t
+                if time_budget_s is not None and elapsed >= time_budget_s:
+                    stopped_by = "time budget"
+                    break
+                done = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+                scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+                for group in opt.param_groups:
+                    group["lr"] = lr * scale
+                x = _batch(rng, by_product, product_ids, pairs_per_step, images, cache, augment, views)
+                net.train()
+                emb = net(x.to(device))
+                loss, active = triplet_loss(emb, pair_labels, margin, mining)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+                actives.append(active)
+                progress.update(task, advance=1, loss=losses[-1])
+                if log_every and ((step + 1) % log_every == 0 or step == 0):
+                    recent = losses[-log_every:]
+                    progress.console.log(
+                        f"step {step + 1}: loss {sum(recent) / len(recent):.4f} (last {len(recent)}), "
+                        f"{active:.0%} triplets active, lr {lr * scale:.2e}"
+                    )
+            # BatchNorm statistics of the final weights, on plain crops of training photos
+            sample = rng.sample(range(len(images)), min(_BN_IMAGES, len(images)))
+            plain = cache[sample, 0] if cache is not None else _normalise(images[sample])
+            _remeasure_batchnorm(net, plain, 2 * pairs_per_step, device)
+        train_s = time.perf_counter() - t
+        net.requires_grad_(True)
+        net.eval()
+
+        t = time.perf_counter()
+        after = hit_rates(net, ev, device) if ev else {}
+        eval_s += time.perf_counter() - t
+
+    report = TrainReport(
+        backbone=settings.backbone,
+        image_size=size,
+        products=len(product_ids),
+        photos=len(images),
+        skipped_photos=skipped,
+        heldout_products=len(heldout),
+        steps=len(losses),
+        batch=pairs_per_step,
+        lr=lr,
+        margin=margin,
+        freeze=freeze,
+        seed=seed,
+        losses=losses,
+        active=actives,
+        hit_before=before,
+        hit_after=after,
+        stopped_by=stopped_by,
+        prep_s=round(prep_s, 2),
+        train_s=round(train_s, 2),
+        eval_s=round(eval_s, 2),
+        total_s=0.0,
+    )
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report.checkpoint = path
+        report.checkpoint_sha256 = save_checkpoint(net.cpu(), path)
+        report.model_version = model_version_for(settings.model_copy(update={"weights": str(path)}))
+    report.total_s = round(time.perf_counter() - t_start, 2)
+    report.net = net
+    return report
+
+
+def _cache_prefix(prefix: nn.Module, images: torch.Tensor, augment: v2.Transform, views: int, device: torch.device) -> torch.Tensor:
+    """N×V×C×h×w outputs of the frozen blocks: view 0 the plain crop, the others augmented."""
+    prefix.eval()  # frozen means frozen: its BatchNorm keeps the statistics it has
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), _EMBED_BATCH):
+            chunk = images[i : i + _EMBED_BATCH]
+            vs = [_normalise(chunk)] + [_augmented(chunk, augment) for _ in range(max(1, views) - 1)]
+            out.append(torch.stack([prefix(v.to(device)).cpu() for v in vs], dim=1))
+    return torch.cat(out)
+
+
+def _batch(
+    rng: random.Random,
+    by_product: dict[int, list[int]],
+    product_ids: list[int],
+    n: int,
+    images: torch.Tensor,
+    cache: torch.Tensor | None,
+    augment: v2.Transform,
+    views: int,
+) -> torch.Tensor:
+    """2n inputs: rows i and n+i are two photos of one product (one photo: two augmentations)."""
+    chosen = rng.sample(product_ids, n)
+    first, second = [], []
+    for pid in chosen:
+        own = by_product[pid]
+        a, b = rng.sample(own, 2) if len(own) > 1 else (own[0], own[0])
+        first.append(a)
+        second.append(b)
+    if cache is None:
+        return _augmented(images[first + second], augment)
+    v = max(1, views)
+    picks = []
+    for a, b in zip(first, second, strict=True):
+        va, vb = rng.sample(range(v), 2) if (a == b and v > 1) else (rng.randrange(v), rng.randrange(v))
+        picks.append((a, va, b, vb))
+    rows = [cache[a, va] for a, va, _, _ in picks] + [cache[b, vb] for _, _, b, vb in picks]
+    return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------- synthetic catalog
+
+
+def synthetic_training_set(
+    n_products: int,
+    *,
+    heldout: int,
+    seed: int,
+    street_photos: int = 1,
+    workers: int = 2,
+) -> tuple[list[TrainProduct], list[Product]]:
+    """A catalog of ``n_products + heldout`` products (ids ``train-…``, never the demo's):
+    the first ``n_products`` to train on, each with ``street_photos`` extra street shots (what
+    shoppers upload), and ``heldout`` untouched products to measure retrieval on."""
+    from cardigan.catalog import generate_catalog, query_photo
+
+    catalog = generate_catalog(n_products + heldout, seed=seed, prefix=TRAIN_PREFIX, workers=workers)
+    train, held = catalog[:n_products], catalog[n_products:]
+    # Street shots from query streams 1.. (stream 0 is what evaluations query with).
+    jobs = [(p, i) for p in train for i in range(1, street_photos + 1)]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        street = list(pool.map(lambda a: query_photo(a[0], a[1]), jobs))
+    extra: dict[str, list[Photo]] = {}
+    for (p, _), img in zip(jobs, street, strict=True):
+        extra.setdefault(p.product_id, []).append(img)
+    products = [TrainProduct(p.product_id, [*p.images, *extra.get(p.product_id, [])]) for p in train]
+    return products, list(held)
