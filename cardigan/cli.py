@@ -332,7 +332,7 @@ _register_stack(app)
 from cardigan.demo import register as _register_demo  # noqa: E402
 
 _register_demo(app)
-from cardigan.reindex import register as _register_reindex  # noqa: E402
+from cardigan.reindex_cli import register as _register_reindex  # noqa: E402
 
 _register_reindex(app)
 

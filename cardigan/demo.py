@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 
 from cardigan.errors import CardiganError
 from cardigan.stack import Stack, StackInfo, log_tail
-from config.settings import Settings
+from config.settings import Settings, redact_url
 
 if TYPE_CHECKING:  # cardigan.verify imports pymilvus: slow, and `cardigan --help` should be fast
     from cardigan.verify import Expected, VerifyReport
@@ -393,7 +393,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         settings = settings_for(env)
         _reset_namespace(settings)
         console.print(
-            f"stack: {data_dir} (redis db {DEMO_DB}, milvus {settings.milvus_uri} alias {DEMO_ALIAS!r}, "
+            f"stack: {data_dir} (redis db {DEMO_DB}, milvus {redact_url(settings.milvus_uri)} alias {DEMO_ALIAS!r}, "
             f"s3 {info.s3_endpoint_url}) — {'reused' if running_before else 'started'} in {timings['stack_up']:.1f}s"
         )
 

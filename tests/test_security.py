@@ -300,6 +300,7 @@ def redis_tls(stack: StackInfo, cert: tuple[Path, Path]) -> Iterator[TLSProxy]:
     p.close()
 
 
+@pytest.mark.e2e
 def test_rediss_broker_and_state_over_tls(redis_tls: TLSProxy, cert: tuple[Path, Path], ns: Namespace) -> None:
     """Real TLS to Valkey: works with the CA given, refused for an unknown CA or another host name."""
     from cardigan.publish import Publisher
@@ -357,6 +358,7 @@ def test_amqps_checks_certificate_and_host_name(cert: tuple[Path, Path], monkeyp
         proxy.close()
 
 
+@pytest.mark.e2e
 def test_milvus_over_tls_with_token(stack: StackInfo, cert: tuple[Path, Path]) -> None:
     """pymilvus over https:// with a token: real TLS to Milvus Lite; refused without the CA."""
     proxy = TLSProxy(_port_of(stack.milvus_uri), *cert, alpn=["h2"])
