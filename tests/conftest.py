@@ -13,6 +13,18 @@ from cardigan.stack import Stack, StackInfo
 from tests.harness import Namespace, new_namespace
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Hardware-bound tests (marker ``cuda``) run where a GPU is and are deselected elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [i for i in items if i.get_closest_marker("cuda")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [i for i in items if not i.get_closest_marker("cuda")]
+
+
 @pytest.fixture(autouse=True)
 def _seeded_rng() -> Iterator[None]:
     """Tests that draw random data draw the same data every run."""

@@ -33,7 +33,7 @@ from encoder import (
 from encoder.checkpoint import file_sha256
 
 SIZE = 64
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_cuda = pytest.mark.cuda  # run where a GPU is; deselected elsewhere (tests/conftest.py)
 
 
 def make_settings(**kw: Any) -> EncoderSettings:
