@@ -17,9 +17,10 @@ from typing import Any
 import redis
 from celery import Task, shared_task
 
-from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, TransientError
+from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, StateUnavailable, TransientError
 from cardigan.reindex import ReindexState
-from tasks.policy import _count_delivery, _dead, backoff_s
+from tasks.policy import backoff_s, count_delivery, never_lost
+from tasks.policy import dead_letter as _dead
 from workers import metrics, runtime
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def index_bulk(
     ``run``/``chunk``/``size`` report progress to the reindex that sent it (``size``: events
     the chunk had when published; a retry carries only the ones that failed).
     """
-    return run_bulk(self, events, collection=collection, run=run, chunk=chunk, size=size)
+    return never_lost(self, run_bulk, self, events, collection=collection, run=run, chunk=chunk, size=size)
 
 
 def _event_type(event: Any) -> str:
@@ -68,7 +69,7 @@ def run_bulk(
         count(events, "dead")
         return finish()
     try:
-        deliveries = _count_delivery(task)
+        deliveries = count_delivery(task)
     except redis.RedisError as e:
         raise task.retry(
             exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s), max_retries=None
@@ -100,8 +101,8 @@ def run_bulk(
         except PermanentError as e:
             _dead(task, ev, e, retries + 1)
             count(ev, "dead")
-        except TransientError as e:
-            failed.append((ev, e))
+        except (TransientError, redis.RedisError) as e:
+            failed.append((ev, e if isinstance(e, TransientError) else StateUnavailable(f"state store: {e}")))
         except Exception as e:  # noqa: BLE001 - a bug: keep the event for replay after the fix
             log.exception("unexpected error in a bulk event")
             _dead(task, ev, InternalError(f"{type(e).__name__}: {e}"), retries + 1)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import Reject, Retry
 
 from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, TransientError
 from workers import runtime
@@ -27,7 +29,7 @@ def backoff_s(retries: int, base: float, cap: float) -> float:
     return random.uniform(0, min(cap, base * 2**retries))
 
 
-def _count_delivery(task: Task) -> int:
+def count_delivery(task: Task) -> int:
     """How many times this exact message (id, retry) has been started; survives worker death."""
     key = _DELIVERIES.format(id=task.request.id, retry=task.request.retries)
     r = runtime.state()
@@ -37,7 +39,7 @@ def _count_delivery(task: Task) -> int:
     return int(pipe.execute()[0])
 
 
-def _dead(task: Task, event: Any, err: PermanentError, attempts: int) -> dict[str, Any]:
+def dead_letter(task: Task, event: Any, err: PermanentError, attempts: int) -> dict[str, Any]:
     dl = runtime.dead_letters().add(
         reason=err.reason, kind=err.kind, event=event, field=err.field, attempts=attempts,
         task_id=task.request.id, queue=(task.request.delivery_info or {}).get("routing_key"),
@@ -47,25 +49,50 @@ def _dead(task: Task, event: Any, err: PermanentError, attempts: int) -> dict[st
 
 
 def run_event(task: Task, event: Any) -> dict[str, Any]:
-    """Run one event through the pipeline under the policy; return what happened."""
+    """Run one event through the pipeline under the policy; return what happened.
+
+    Every path either records an outcome (vectors written, or a dead letter) or hands the
+    message back (a retry, or a requeue when not even a dead letter can be stored): the message
+    is never acked with nothing recorded.
+    """
+    return never_lost(task, _run_event, task, event)
+
+
+def never_lost(task: Task, fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[str, Any]:
+    """Run a task body; if it cannot record any outcome, requeue the message instead of acking it."""
+    try:
+        return fn(*args, **kw)
+    except (Retry, Reject):
+        raise
+    except Exception as e:  # noqa: BLE001 - the state store or broker is down: give it back
+        log.error("could not record the outcome of %s (%s: %s); message requeued", task.request.id, type(e).__name__, e)
+        raise Reject(f"{type(e).__name__}: {e}", requeue=True) from e
+
+
+def _run_event(task: Task, event: Any) -> dict[str, Any]:
     s = runtime.settings()
     retries = task.request.retries
+
+    def retry(e: BaseException) -> Retry:
+        return task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s))
+
     try:
-        deliveries = _count_delivery(task)
+        deliveries = count_delivery(task)
     except redis.RedisError as e:
-        raise task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s), max_retries=None) from e
+        raise retry(e) from e
     if deliveries > s.worker.max_deliveries:
         err = PoisonMessage(f"delivered {deliveries} times without finishing: the worker died each time (out of memory, native crash)")
-        return _dead(task, event, err, retries + deliveries)
+        return dead_letter(task, event, err, retries + deliveries)
     try:
         return runtime.pipeline().handle(event).as_dict()
     except PermanentError as e:
-        return _dead(task, event, e, retries + 1)
-    except TransientError as e:
+        return dead_letter(task, event, e, retries + 1)
+    except (TransientError, redis.RedisError) as e:  # a client error the pipeline did not wrap is still transient
+        reason = e.reason if isinstance(e, TransientError) else f"state store: {type(e).__name__}: {e}"
         if retries >= s.worker.max_retries:
-            return _dead(task, event, RetriesExhausted(f"gave up after {retries + 1} attempts: {e.reason}"), retries + 1)
-        log.info("transient failure (%s), retry %d/%d", e.reason, retries + 1, s.worker.max_retries)
-        raise task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)) from e
+            return dead_letter(task, event, RetriesExhausted(f"gave up after {retries + 1} attempts: {reason}"), retries + 1)
+        log.info("transient failure (%s), retry %d/%d", reason, retries + 1, s.worker.max_retries)
+        raise retry(e) from e
     except Exception as e:  # a bug: keep the event for replay after the fix, never drop it
         log.exception("unexpected error")
-        return _dead(task, event, InternalError(f"{type(e).__name__}: {e}"), retries + 1)
+        return dead_letter(task, event, InternalError(f"{type(e).__name__}: {e}"), retries + 1)
