@@ -62,8 +62,15 @@ def never_lost(task: Task, fn: Callable[..., dict[str, Any]], *args: Any, **kw: 
     """Run a task body; if it cannot record any outcome, requeue the message instead of acking it."""
     try:
         return fn(*args, **kw)
-    except (Retry, Reject):
+    except Retry:
         raise
+    except Reject as r:
+        if r.requeue:
+            raise
+        # Task.retry() turns a failed publish of the retry (broker down) into a reject without
+        # requeue, which would drop the event: requeue it instead
+        log.warning("could not schedule a retry of %s (%s); message requeued", task.request.id, r.reason)
+        raise Reject(r.reason, requeue=True) from r
     except Exception as e:  # noqa: BLE001 - the state store or broker is down: give it back
         log.error("could not record the outcome of %s (%s: %s); message requeued", task.request.id, type(e).__name__, e)
         raise Reject(f"{type(e).__name__}: {e}", requeue=True) from e

@@ -99,6 +99,22 @@ def _refusal(message: Message, exc: Exception) -> PermanentError:
 class Consumer(CeleryConsumer):
     """Celery's consumer, with every message it would drop or choke on dead-lettered first."""
 
+    # -- surviving a broker restart ---------------------------------------------------------
+
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Celery's handler, minus a crash: the worker must reconnect, not die.
+
+        After a Redis broker drops the connection, Celery collects the connection and then closes
+        it; kombu 5.7's Redis channel then tries to restore the prefetched messages through the
+        collected connection (``client`` is None) and raises AttributeError, which Celery treats
+        as unrecoverable. Those messages are still in the broker's unacked set and come back
+        after the visibility timeout, so the close can be given up safely.
+        """
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as e:
+            log.warning("closing the lost broker connection failed (%s); its prefetched messages return after the visibility timeout", e)
+
     # -- the check before Celery's strategy ------------------------------------------------
 
     def create_task_handler(self, promise: Any = promise) -> Callable[[Message], Any]:
