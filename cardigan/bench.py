@@ -5,7 +5,7 @@ synthetic product photos, uploads them, and then measures, on the same machine i
 run:
 
 - the ceiling: the model alone on preprocessed tensors (``forward_only``) and decode + crop +
-  resize alone on the same JPEG bytes (``decode_only``, all cores);
+  resize alone on the same JPEG bytes (``decode_only``, all cores), before and after the run;
 - the batched pipeline end to end: publish every event, time until the queue is empty, no
   message is unacked and Milvus holds every vector (``images_per_s``, ``events_per_s``);
 - the same pipeline unbatched (one image per forward pass, one Milvus write per event);
@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -42,6 +42,9 @@ from rich.table import Table
 
 from cardigan.errors import CardiganError
 from config.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
+    from encoder import Encoder
 
 FRESHNESS_KEY = "cardigan:freshness_ms"  # workers.writer.FRESHNESS_KEY (kept import-free)
 STATS_KEY = "cardigan:stats:{alias}"  # workers.pipeline.STATS_KEY
@@ -297,18 +300,15 @@ def best_window(step: Callable[[], int], *, windows: int = 4, window_s: float = 
     return best
 
 
-def forward_only(settings: Settings) -> tuple[float, float, str, int]:
+def forward_only(enc: Encoder) -> tuple[float, float, int]:
     """The model alone on preprocessed tensors at the batch size.
 
-    Returns images/s, CPU ms per image, the device, and the torch thread count that was best
-    (on a CPU both one thread and all cores are tried: on a busy machine one can beat all).
+    Returns images/s, CPU ms per image and the torch thread count that was best (on a CPU
+    both one thread and all cores are tried: on a busy machine one can beat all).
     """
     import torch
 
-    from encoder import build_encoder
-
-    enc = build_encoder(settings.encoder).load()
-    s = settings.encoder
+    s = enc.settings
     x = torch.randn(s.batch_size, 3, s.image_size, s.image_size)
     if enc.device.type == "cuda":
         x = x.pin_memory()
@@ -330,7 +330,38 @@ def forward_only(settings: Settings) -> tuple[float, float, str, int]:
                 best = (rate, cpu, threads)
     finally:
         torch.set_num_threads(default)
-    return best[0], best[1], str(enc.device), best[2]
+    return best
+
+
+@dataclass
+class Ceiling:
+    """Decode alone and the model alone: what the pipeline is compared with."""
+
+    forward: float  # images/s
+    forward_cpu_ms: float  # CPU ms per image
+    forward_threads: int
+    decode: float
+    decode_cpu_ms: float
+
+    @classmethod
+    def measure(cls, enc: Encoder, jpegs: Sequence[tuple[bytes, list[int] | None]], max_pixels: int) -> Ceiling:
+        fwd, fwd_cpu, threads = forward_only(enc)
+        dec, dec_cpu = decode_only(jpegs, size=enc.image_size, max_pixels=max_pixels)
+        return cls(fwd, fwd_cpu, threads, dec, dec_cpu)
+
+    @staticmethod
+    def mean(a: Ceiling, b: Ceiling) -> Ceiling:
+        """Measured before and after the run: a load that drifts during it biases neither way."""
+        return Ceiling(
+            (a.forward + b.forward) / 2,
+            (a.forward_cpu_ms + b.forward_cpu_ms) / 2,
+            a.forward_threads if a.forward >= b.forward else b.forward_threads,
+            (a.decode + b.decode) / 2,
+            (a.decode_cpu_ms + b.decode_cpu_ms) / 2,
+        )
+
+    def images_per_s(self, device_type: str) -> float:
+        return ceiling(self.forward, self.decode, device_type)
 
 
 def decode_only(jpegs: Sequence[tuple[bytes, list[int] | None]], *, size: int, max_pixels: int) -> tuple[float, float]:
@@ -382,6 +413,7 @@ class Phase:
         self.state.flushdb()
         self.publisher = Publisher(self.settings)
         self.published = 0
+        self.embedded = 0  # images the timed runs through this phase have embedded so far
 
     # workers
 
@@ -550,7 +582,7 @@ def run_through(
 
     ``servers``: name -> pid of the stack's servers, whose CPU time is counted with the run's.
     """
-    before = phase.stats_after(0)
+    before = phase.stats_after(phase.embedded)  # the counters include every earlier run
     groups = {"worker": [p.pid for p in phase.procs], "publisher": [os.getpid()], **{k: [v] for k, v in (servers or {}).items()}}
     cpu0 = {k: sum(cpu_s(p) for p in pids) for k, pids in groups.items()}
     threads0 = phase.thread_cpu()
@@ -581,7 +613,8 @@ def run_through(
     dead = phase.dead_letters()
     if dead:
         raise BenchError(f"{label}: events became dead letters, the numbers would be wrong: " + "; ".join(dead))
-    after = phase.stats_after(before["embed"]["items"] + images)
+    phase.embedded += images
+    after = phase.stats_after(phase.embedded)
     e0, e1, w0, w1 = before["embed"], after["embed"], before["write"], after["write"]
     return RunResult(
         events=len(events),
@@ -732,16 +765,18 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         concurrency = opts.concurrency or base.worker.concurrency
         load_start = _load_avg()
 
-        say(f"rendering {opts.pool} products and storing their photos")
+        say(f"rendering {min(opts.pool, opts.events)} products and storing their photos")
         s3 = make_s3_client(base.s3_endpoint_url, base.s3_region) if opts.s3 == "moto" else None
         folder = info.local_root if opts.s3 == "folder" else None
         pool = make_pool(min(opts.pool, opts.events), seed=opts.seed, s3=s3, bucket=base.bucket, folder=folder)
 
         say("measuring the ceiling: model alone, then decode alone")
-        fwd, fwd_cpu, device, fwd_threads = forward_only(base)
-        dec, dec_cpu = decode_only(pool.jpegs, size=opts.image_size, max_pixels=base.limits.max_image_pixels)
+        from encoder import build_encoder
+
+        enc = build_encoder(base.encoder).load()
+        device = str(enc.device)
+        ceil_before = Ceiling.measure(enc, pool.jpegs, base.limits.max_image_pixels)
         servers = {name: st["pid"] for name, st in stack.status().items() if st.get("pid")}
-        top = ceiling(fwd, dec, device.split(":")[0])
 
         events = [pool.event(f"e-{i}", i) for i in range(opts.events)]
         images = sum(pool.images_of(i) for i in range(opts.events))
@@ -784,6 +819,12 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
             servers=servers,
         )
 
+        say("measuring the ceiling again")
+        ceil_after = Ceiling.measure(enc, pool.jpegs, base.limits.max_image_pixels)
+        ceil = Ceiling.mean(ceil_before, ceil_after)
+        top = ceil.images_per_s(enc.device.type)
+        fwd, fwd_cpu, dec, dec_cpu = ceil.forward, ceil.forward_cpu_ms, ceil.decode, ceil.decode_cpu_ms
+
         lat: list[float] = []
         rate = 0.0
         if opts.fresh_seconds > 0:
@@ -824,7 +865,9 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
             "speedup_vs_naive": round(run.images_per_s / naive_run.images_per_s, 2) if naive_run else None,
             "forward_only_images_per_s": round(fwd, 1),
             "decode_only_images_per_s": round(dec, 1),
-            "forward_only_torch_threads": fwd_threads if device.startswith("cpu") else None,
+            "forward_only_torch_threads": ceil.forward_threads if device.startswith("cpu") else None,
+            "ceiling_images_per_s_before": round(ceil_before.images_per_s(enc.device.type), 1),
+            "ceiling_images_per_s_after": round(ceil_after.images_per_s(enc.device.type), 1),
             "ceiling_images_per_s": round(top, 1),
             "ratio_to_ceiling": round(run.images_per_s / top, 3) if top else None,
             "freshness_p50_ms": round(percentile(lat, 50), 1) if lat else None,
@@ -850,6 +893,9 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
             **{f"cpu_ms_per_image_{k}": round(run.cpu_ms_per_image(k), 2) for k in sorted(run.cpu_s)},
             "worker_cpu_ms_per_image_by_stage": {k: round(1000 * v / run.images, 2) for k, v in sorted(run.thread_cpu_s.items())} or None,
             "naive_cpu_ms_per_image": round(naive_run.cpu_ms_per_image(), 2) if naive_run else None,
+            "naive_worker_cpu_ms_per_image_by_stage": (
+                {k: round(1000 * v / naive_run.images, 2) for k, v in sorted(naive_run.thread_cpu_s.items())} or None if naive_run else None
+            ),
             "forward_only_cpu_ms_per_image": round(fwd_cpu, 2),
             "decode_only_cpu_ms_per_image": round(dec_cpu, 2),
             "cpu_ratio_to_ceiling": round((fwd_cpu + dec_cpu) / run.cpu_ms_per_image(), 3) if device.startswith("cpu") else None,

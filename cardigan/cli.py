@@ -335,6 +335,12 @@ _register_demo(app)
 from cardigan.reindex_cli import register as _register_reindex  # noqa: E402
 
 _register_reindex(app)
+from cardigan.train_cli import register as _register_train  # noqa: E402
+
+_register_train(app)
+from cardigan.bench import register as _register_bench  # noqa: E402
+
+_register_bench(app)
 
 
 def main() -> None:

@@ -76,6 +76,11 @@ class DemoOptions:
     verify_timeout_s: float = 30
     # tests: change the expected state before verification (a wrong expectation must fail)
     tamper: Callable[[ExpectedState], None] | None = None
+    # train the encoder first (None: when its weights are random); cached under <out>/train
+    train: bool | None = None
+    train_budget_s: float = 60
+    train_products: int = 150
+    train_heldout: int = 100
 
 
 @dataclass
@@ -106,6 +111,7 @@ class DemoResult:
     kept_env: dict[str, str] | None = None  # the env to reach the kept stack (--keep)
     worker_pids: list[int] = field(default_factory=list)
     stopped_services: list[str] = field(default_factory=list)
+    training: dict[str, Any] | None = None  # the training report (cardigan.train_cli.report_info), when trained
 
 
 # --------------------------------------------------------------------------- helpers
@@ -397,6 +403,14 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
             f"s3 {info.s3_endpoint_url}) — {'reused' if running_before else 'started'} in {timings['stack_up']:.1f}s"
         )
 
+        training: dict[str, Any] | None = None
+        want_training = settings.encoder.weights.strip() == "random" if opts.train is None else opts.train
+        if want_training:
+            t = time.perf_counter()
+            env["CARDIGAN_ENCODER__WEIGHTS"], training = _train_encoder(opts, settings, out, console)
+            settings = settings_for(env)
+            t = phase("train", t)
+
         from encoder import model_version_for
 
         model_version = model_version_for(settings.encoder)  # checks the encoder settings before workers start
@@ -532,6 +546,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
             html=html,
             png=png,
             worker_pids=[w.pid for w in workers],
+            training=training,
         )
         if opts.keep:
             result.kept_env = env
@@ -597,6 +612,24 @@ def _queries(
     return rows, hit1, hitk, bool(enc.random_weights)
 
 
+def _train_encoder(opts: DemoOptions, settings: Settings, out: Path, console: Console) -> tuple[str, dict[str, Any]]:
+    """A checkpoint trained on a synthetic catalog of other products (cached per settings and
+    budget in ``<out>/train``): the path for the workers' env, and the training report."""
+    from cardigan.train_cli import TRAIN_SEED, TrainPlan, trained_checkpoint, training_line
+
+    plan = TrainPlan(
+        products=opts.train_products,
+        heldout=opts.train_heldout,
+        steps=100_000,  # the budget decides
+        time_budget_s=opts.train_budget_s,
+        seed=TRAIN_SEED if opts.seed != TRAIN_SEED else TRAIN_SEED + 1,  # never the catalog searched below
+    )
+    path, info, reused = trained_checkpoint(settings.encoder, plan, out / "train", console)
+    info["reused"] = reused
+    console.print(training_line(info) + (f"; reused {path}" if reused else f"; checkpoint {path}"))
+    return str(path), info
+
+
 def _exports(env: Mapping[str, str]) -> str:
     import shlex
 
@@ -628,6 +661,7 @@ def _write_summary(res: DemoResult, path: Path) -> Path:
         "model_version": res.model_version,
         "random_weights": res.random_weights,
         "timings_s": res.timings,
+        "training": res.training,
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
@@ -661,6 +695,10 @@ def print_result(res: DemoResult, console: Console) -> None:
     )
     lat = res.latency_ms
     console.print(f"publish → searchable: p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms ({lat['n']} writes)")
+    if res.training is not None:
+        from cardigan.train_cli import training_line
+
+        console.print(training_line(res.training))
     if res.hit_at_1 is not None and res.verify.products_live:
         n = res.verify.products_live
         console.print(
@@ -690,6 +728,10 @@ def demo(
     image_size: int | None = typer.Option(None, "--image-size", min=32, max=1024, help="encoder input size (default: settings, 224)"),
     concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="events in flight per worker"),
     stop: bool = typer.Option(False, "--stop", help="only stop what an earlier --keep run left running"),
+    train: bool | None = typer.Option(
+        None, "--train/--no-train", help="train the encoder on a synthetic catalog first (default: when its weights are random)"
+    ),
+    train_budget: float = typer.Option(60, "--train-budget", min=1, help="seconds of training (the checkpoint is cached in --out)"),
 ) -> None:
     """Run the whole system on this machine and check the index it builds."""
     console = Console()
@@ -698,7 +740,16 @@ def demo(
         console.print(f"stopped {n} worker(s) and {', '.join(services) or 'no servers'}")
         return
     opts = DemoOptions(
-        products=products, workers=workers, keep=keep, out=out, data_dir=data_dir, seed=seed, image_size=image_size, concurrency=concurrency
+        products=products,
+        workers=workers,
+        keep=keep,
+        out=out,
+        data_dir=data_dir,
+        seed=seed,
+        image_size=image_size,
+        concurrency=concurrency,
+        train=train,
+        train_budget_s=train_budget,
     )
     try:
         res = run_demo(opts, console)

@@ -136,6 +136,20 @@ def test_batcher_keeps_order_and_never_exceeds_max_items() -> None:
 
 
 def test_bench_helpers() -> None:
+    from cardigan import bench
+    from workers import writer
+
+    # the bench reads what the workers write, under the same keys
+    assert bench.STATS_KEY == STATS_KEY and bench.FRESHNESS_KEY == writer.FRESHNESS_KEY
+    # each pipeline stage's threads map to their stage (Pipeline names them; Celery's pool too)
+    assert [bench._thread_group(n) for n in ("fetch_3", "embed", "write", "ThreadPoolExecutor-0_7", "MainThread", None)] == [
+        "fetch+decode",
+        "embed",
+        "write",
+        "tasks",
+        "consumer",
+        "torch intra-op",
+    ]
     assert ceiling(100, 100, "cpu") == pytest.approx(50)  # shared cores: times add
     assert ceiling(100, 300, "cuda") == 100  # overlapped: the slower stage sets the pace
     assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)

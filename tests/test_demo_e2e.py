@@ -17,6 +17,8 @@ from cardigan.verify import Expected
 pytestmark = pytest.mark.e2e
 
 SMALL = {"products": 12, "workers": 1, "image_size": 64, "concurrency": 8, "queries": 3}
+# training before the demo, shrunk to seconds (the real demo trains for a minute on 150 products)
+TINY_TRAINING = {"train_products": 6, "train_heldout": 4, "train_budget_s": 2}
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -40,7 +42,7 @@ def _nothing_runs(res: DemoResult) -> None:
 
 def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     console, buf = _console()
-    res = run_demo(DemoOptions(out=tmp_path / "out", **SMALL), console)
+    res = run_demo(DemoOptions(out=tmp_path / "out", **SMALL, **TINY_TRAINING), console)
     print_result(res, console)
     text = buf.getvalue()
     assert res.ok, text
@@ -59,13 +61,18 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["ok"] is True and summary["events"] == res.events
     assert res.image_size == 64 and "-64-" in res.model_version
+    # random weights by default, so the demo trained first and its workers loaded the checkpoint
+    assert res.training is not None and not res.training["reused"] and not res.random_weights
+    assert f"ckpt{res.training['checkpoint_sha256'][:12]}" in res.model_version
+    assert "trained for " in text and "synthetic products (hit@5 " in text and "RANDOM weights" not in text
+    assert summary["training"]["products"] == 6
     _nothing_runs(res)
     assert sorted(res.stopped_services) == ["milvus", "moto", "valkey"]
 
 
 def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = run_demo(DemoOptions(out=out, keep=True, seed=0, **SMALL), _console()[0])
+    first = run_demo(DemoOptions(out=out, keep=True, seed=0, **SMALL, **TINY_TRAINING), _console()[0])
     assert first.ok and first.kept_env is not None
     assert not any(_gone(p) for p in first.worker_pids), "--keep should leave the workers running"
 
@@ -82,7 +89,7 @@ def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path
 
     # another seed: other products change, so leftovers of the first run would show as mismatches
     console, buf = _console()
-    second = run_demo(DemoOptions(out=out, seed=1, verify_timeout_s=2, tamper=tamper, **SMALL), console)
+    second = run_demo(DemoOptions(out=out, seed=1, verify_timeout_s=2, tamper=tamper, **SMALL, **TINY_TRAINING), console)
     print_result(second, console)
     text = buf.getvalue()
     assert not second.ok
@@ -91,6 +98,9 @@ def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path
     assert any(m.startswith(f"{tampered['deleted']}: deleted, but") for m in mism), mism
     assert any(m.startswith(f"{tampered['bumped']}: expected version") for m in mism), mism
     assert "MISMATCH (2 products differ)" in text and tampered["deleted"] in text
+    # the checkpoint the first run trained is reused (same settings and budget), not retrained
+    assert first.training is not None and second.training is not None and second.training["reused"]
+    assert second.model_version == first.model_version and "reused " in text
     assert json.loads((out / "summary.json").read_text())["ok"] is False
     # the first run's workers were replaced, and the stack it kept is stopped now
     assert all(_gone(p) for p in first.worker_pids)
