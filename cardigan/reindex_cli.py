@@ -40,7 +40,8 @@ def reindex_command(
     from rich.console import Console
 
     from cardigan.errors import CardiganError
-    from cardigan.reindex import ACTIVE_PHASES, Interrupted, Reindexer, SourceSpec, count_manifest, count_s3
+    from cardigan.reindex import ACTIVE_PHASES, Interrupted, Reindexer
+    from cardigan.snapshot import SourceSpec, count_manifest, count_s3
     from config.settings import load_settings
 
     err = Console(stderr=True)
