@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardigan.errors import CardiganError
-from config.settings import Settings
+from config.settings import settings_from_env
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
     from encoder import Encoder
@@ -148,24 +148,10 @@ def ceiling(forward: float, decode: float, device_type: str) -> float:
     return 1 / (1 / forward + 1 / decode)
 
 
-@contextlib.contextmanager
-def _patched_env(env: Mapping[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
-def _settings(env: Mapping[str, str]) -> Settings:
-    """Settings exactly as a worker started with ``env`` builds them."""
-    with _patched_env(env):
-        return Settings()
+
+_settings = settings_from_env
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +36,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressC
 
 from cardigan.errors import CardiganError
 from cardigan.stack import Stack, StackInfo, log_tail
-from config.settings import Settings, redact_url
+from config.settings import Settings, redact_url, settings_from_env
 
 if TYPE_CHECKING:  # cardigan.verify imports pymilvus: slow, and `cardigan --help` should be fast
     from cardigan.verify import Expected, VerifyReport
@@ -117,18 +117,7 @@ class DemoResult:
 # --------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def _patched_env(env: Mapping[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+
 
 
 def demo_env(info: StackInfo, image_size: int | None = None) -> dict[str, str]:
@@ -152,8 +141,7 @@ def demo_env(info: StackInfo, image_size: int | None = None) -> dict[str, str]:
 
 def settings_for(env: Mapping[str, str]) -> Settings:
     """Settings exactly as a worker started with ``env`` (on top of ours) builds them."""
-    with _patched_env(env):
-        return Settings()
+    return settings_from_env(env)
 
 
 def percentile(values: list[int], p: float) -> float:

@@ -8,6 +8,8 @@ AWS credentials are not settings: boto3's standard chain finds them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,3 +143,24 @@ def redact_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+@contextmanager
+def patched_env(env: Mapping[str, str]) -> Iterator[None]:
+    """Overlay ``env`` on the process environment for a block, then put it back."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def settings_from_env(env: Mapping[str, str]) -> Settings:
+    """Settings exactly as a process started with ``env`` on top of ours builds them."""
+    with patched_env(env):
+        return Settings()

@@ -15,8 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from cardigan.fetch import make_s3_client
 from cardigan.guard import make_redis
 from cardigan.index import Index
 from cardigan.publish import Publisher
-from config.settings import Settings
+from config.settings import Settings, patched_env, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,24 +44,10 @@ TEST_ENV = {
 _db_counter = itertools.count(1)
 
 
-@contextmanager
-def patched_env(env: Mapping[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
-def settings_from(env: Mapping[str, str]) -> Settings:
-    """Settings exactly as a worker started with ``env`` would build them."""
-    with patched_env(env):
-        return Settings()
+
+settings_from = settings_from_env
 
 
 @dataclass
