@@ -117,9 +117,6 @@ class DemoResult:
 # --------------------------------------------------------------------------- helpers
 
 
-
-
-
 def demo_env(info: StackInfo, image_size: int | None = None) -> dict[str, str]:
     """The stack's env, pointed at the demo's corner of it (its db, queues and alias)."""
     env = info.env()

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,7 +47,7 @@ class TrainPlan:
     steps: int = 1000
     time_budget_s: float | None = 90.0
     train_size: int | None = DEFAULT_TRAIN_SIZE  # None: the serving size
-    batch: int = 16  # measured: twice the steps of 16 beat half the steps of 32 in a fixed time
+    batch: int = 32  # measured: batches of 16 (twice the steps) learned less, and less reliably
     lr: float = 5e-3
     margin: float = 0.2
     seed: int = TRAIN_SEED
@@ -105,10 +105,8 @@ def training_line(info: dict[str, Any]) -> str:
 
 def report_info(report: TrainReport) -> dict[str, Any]:
     """The report as JSON-able data (no tensors, no net), for caches and summaries."""
-    data = asdict(report)
-    data.pop("net", None)
-    data.pop("losses", None)
-    data.pop("active", None)
+    # not asdict(): it would deep-copy the net
+    data = {f.name: getattr(report, f.name) for f in fields(report) if f.name not in ("net", "losses", "active")}
     data["checkpoint"] = str(report.checkpoint) if report.checkpoint else None
     data["hit_before"] = {str(k): v for k, v in report.hit_before.items()}
     data["hit_after"] = {str(k): v for k, v in report.hit_after.items()}
@@ -162,7 +160,7 @@ def train(
         DEFAULT_TRAIN_SIZE, "--train-size", min=32, max=1024, help="crop size to train on (at most --image-size; smaller trains faster)"
     ),
     time_budget: float | None = typer.Option(90.0, "--time-budget", min=1, help="seconds of optimisation at most"),
-    batch: int = typer.Option(16, "--batch", min=2, help="products per step (two photos each)"),
+    batch: int = typer.Option(32, "--batch", min=2, help="products per step (two photos each)"),
     lr: float = typer.Option(5e-3, "--lr", min=0),
     margin: float = typer.Option(0.2, "--margin", min=0, help="g in max(0, g + D(q,p) - D(q,n))"),
     seed: int = typer.Option(TRAIN_SEED, "--seed", help="training catalog and run seed (the demo's catalog uses 0)"),

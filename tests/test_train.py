@@ -42,6 +42,15 @@ def _isolate_rng() -> Iterator[None]:
     torch.random.set_rng_state(state)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny batches: on 2 shared cores, one torch thread ran these steps 3x faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def catalog() -> list[SyntheticProduct]:
     return generate_catalog(10, seed=5, prefix="t")
@@ -163,7 +172,7 @@ def test_training_catalog_is_not_the_demos() -> None:
 def test_cli_trains_and_prints_hits(tmp_path: Path) -> None:
     out = tmp_path / "enc.pt"
     args = ["train", "--products", "4", "--heldout", "3", "--steps", "3", "--batch", "4", "--image-size", str(SIZE), "--out", str(out)]
-    env = {**os.environ, "CARDIGAN_ENCODER__DEVICE": "cpu", "COLUMNS": "200"}
+    env = {**os.environ, "CARDIGAN_ENCODER__DEVICE": "cpu", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "cardigan.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
