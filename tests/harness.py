@@ -91,6 +91,12 @@ class Namespace:
     def settings(self) -> Settings:
         return settings_from(self.env)
 
+    def set_env(self, **values: str) -> Settings:
+        """Change this namespace's settings after creation (the cached Settings is rebuilt)."""
+        self.env.update(values)
+        self.__dict__.pop("settings", None)
+        return self.settings
+
     @functools.cached_property
     def _state(self) -> Any:
         return make_redis(self.settings.effective_state_url)

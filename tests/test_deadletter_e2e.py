@@ -168,8 +168,7 @@ def tarpit() -> Iterator[str]:
 
 def test_e2e_poison_message_dead_lettered_after_max_deliveries(ns: Namespace, tarpit: str) -> None:
     # a killed worker's message comes back after the visibility timeout: the smallest allowed
-    ns.env["CARDIGAN_BROKER_VISIBILITY_TIMEOUT_S"] = "10"
-    s = ns.settings
+    s = ns.set_env(CARDIGAN_BROKER_VISIBILITY_TIMEOUT_S="10")
     assert s.broker_visibility_timeout_s == 10 and s.worker.max_deliveries == 3
     worker_env = {"CARDIGAN_S3_ENDPOINT_URL": tarpit}
     (task_id,) = ns.publish([{"type": "add", "product_id": "poison-1", "version": 1, "images": [{"uri": f"s3://{s.bucket}/poison.jpg"}]}])

@@ -119,7 +119,7 @@ def test_e2e_credentials_never_logged(ns: Namespace) -> None:
     # Valkey's default user has no password, so AUTH default <anything> is accepted: a URL with a
     # password that works, and that must never be printed
     host_db = ns.env["CARDIGAN_BROKER_URL"].split("://", 1)[1]
-    ns.env.update(
+    ns.set_env(
         CARDIGAN_BROKER_URL=f"redis://default:{secrets['broker']}@{host_db}",
         AWS_SECRET_ACCESS_KEY=secrets["aws"],  # moto accepts any key
         CARDIGAN_MILVUS_TOKEN=f"root:{secrets['milvus_token']}",  # Milvus Lite ignores tokens
