@@ -43,7 +43,7 @@ RANDOM = "random"
 
 # Bump when a change in this package changes the vectors produced for the same settings
 # (init scheme, preprocessing assumptions): every model version changes with it.
-_VERSION_SCHEME = 1
+_VERSION_SCHEME = 2  # 2: portable (numpy) random init, snapped calibration
 _CALIBRATION_MAX_SIZE = 128
 
 
@@ -257,11 +257,11 @@ class Encoder:
             trunk = backbone.build_trunk(None) if source.kind != "pretrained" else nn.Identity()
             net = EmbeddingNet(trunk, backbone.feature_dim)
         net = net.to_empty(device="cpu")
-        generator = torch.Generator().manual_seed(self._settings.seed)
-        init_weights(net, generator)
+        rng = np.random.default_rng(self._settings.seed)
+        init_weights(net, rng)
         if source.kind == "random":
             # At the input size (the statistics depend on it), capped: float64 is slow.
-            calibrate_random(net, generator, size=min(self.image_size, _CALIBRATION_MAX_SIZE))
+            calibrate_random(net, rng, size=min(self.image_size, _CALIBRATION_MAX_SIZE))
         if source.kind == "pretrained":
             assert source.pretrained is not None
             net.trunk = self._pretrained_trunk(source.pretrained)

@@ -6,7 +6,10 @@ Small backbones at 64 px on the CPU with random weights: nothing is downloaded.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +36,7 @@ from encoder import (
 from encoder.checkpoint import file_sha256
 
 SIZE = 64
+ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.cuda  # run where a GPU is; deselected elsewhere (tests/conftest.py)
 
 
@@ -137,8 +141,34 @@ def test_loading_leaves_the_global_rng_alone() -> None:
 def test_pinned_weights_and_version() -> None:
     """Golden values: if these move, random-weight vectors moved and the scheme needs a bump."""
     enc = build_encoder(make_settings()).load()
-    assert enc.model_version == "mobilenet_v3_small-random-s0-64-472d2145"
+    assert enc.model_version == "mobilenet_v3_small-random-s0-64-d331b95b"
     assert enc.fingerprint == GOLDEN_FINGERPRINT
+
+
+_FINGERPRINT_SCRIPT = """
+import logging, sys
+logging.disable(logging.WARNING)
+from config.settings import EncoderSettings
+from encoder import build_encoder
+for backbone in sys.argv[1:]:
+    s = EncoderSettings(backbone=backbone, image_size=64, device="cpu")
+    print(backbone, build_encoder(s).load().fingerprint)
+"""
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_random_weights_are_the_same_bits_on_other_cpus(capability: str) -> None:
+    """A fleet of mixed hosts (AVX2, AVX-512, none) must build the same random net from one
+    seed, or their vectors would not be comparable. ATEN_CPU_CAPABILITY makes this process's
+    torch use another set of SIMD kernels: the one a different CPU would get."""
+    backbones = ["mobilenet_v3_small", "resnet18", "efficientnet_b0"]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", _FINGERPRINT_SCRIPT, *backbones], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=True
+    ).stdout
+    there = dict(line.split() for line in out.splitlines())
+    here = {b: build_encoder(make_settings(backbone=b)).load().fingerprint for b in backbones}
+    assert there == here
 
 
 def test_other_seed_other_version_other_vectors(mobilenet: Encoder) -> None:
@@ -323,4 +353,4 @@ def test_cuda_matches_cpu(dtype: str, mobilenet: Encoder) -> None:
     assert cos.min() > (0.9999 if dtype == "float32" else 0.99)
 
 
-GOLDEN_FINGERPRINT = "dc94eec384cfa81e"
+GOLDEN_FINGERPRINT = "3c4651676086312e"
