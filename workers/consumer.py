@@ -101,6 +101,18 @@ class Consumer(CeleryConsumer):
 
     # -- surviving a broker restart ---------------------------------------------------------
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # An ack or reject that runs after the connection was lost and collected (a task that
+        # finished during a broker restart) goes through the dead channel, and kombu 5.7's Redis
+        # channel raises AttributeError there ('NoneType' object has no attribute 'hostname').
+        # Celery logs connection errors on ack/reject and goes on, but any other exception is
+        # "unrecoverable": the worker exits. The message is still in the broker's unacked set and
+        # comes back after the visibility timeout (the version guard makes the redo harmless),
+        # so it is treated like the connection error it is. Only Request.acknowledge/reject use
+        # this tuple (celery.worker.strategy).
+        self.connection_errors = (*self.connection_errors, AttributeError)
+
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         """Celery's handler, minus a crash: the worker must reconnect, not die.
 
