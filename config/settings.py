@@ -35,6 +35,9 @@ class EncoderSettings(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)  # images per forward pass
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000)  # how long a batch waits to fill
     seed: int = 0  # random weights must be identical in every worker process
+    # On CPU, run the forward pass as a traced, frozen TorchScript graph: it runs without the
+    # GIL, so the worker's fetch and decode threads do not stall the model (CUDA: eager + autocast)
+    cpu_graph: bool = True
 
 
 class LimitSettings(BaseModel):

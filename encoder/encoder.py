@@ -17,6 +17,7 @@ import hashlib
 import logging
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -153,7 +154,9 @@ class Encoder:
         self._source = _parse_weights(self._backbone, settings.weights)
         self._device_spec = _parse_device(settings.device)
         self._lock = threading.Lock()
-        self._net: EmbeddingNet | None = None
+        self._net: EmbeddingNet | None = None  # the module (weights, checkpoints)
+        self._runner: nn.Module | None = None  # what embed() calls: the net or its frozen graph
+        self._graph: str = "eager"  # or "torchscript" once a frozen graph runs
         self._device: torch.device | None = None
         self._autocast: torch.dtype | None = None
         self._version: str | None = None
@@ -202,10 +205,10 @@ class Encoder:
 
     def load(self) -> Encoder:
         """Build the net, load its weights, move it to the device. Idempotent, thread-safe."""
-        if self._net is not None:
+        if self._runner is not None:
             return self
         with self._lock:
-            if self._net is not None:
+            if self._runner is not None:
                 return self
             started = time.perf_counter()
             device = self.device
@@ -213,11 +216,15 @@ class Encoder:
             self._fingerprint = _state_fingerprint(net)
             net.eval()
             autocast = self._autocast_dtype(device)
+            runner: nn.Module = net
+            if device.type == "cpu" and self._settings.cpu_graph:
+                runner = self._frozen_graph(net)
             if device.type == "cuda":
-                net = net.to(device=device, memory_format=torch.channels_last)
+                runner = net = net.to(device=device, memory_format=torch.channels_last)
                 self._warm_up(net, device, autocast)
             self._autocast = autocast
             self._net = net
+            self._runner = runner
             self._announce(time.perf_counter() - started)
         return self
 
@@ -227,13 +234,13 @@ class Encoder:
         Loads the model on first use if :meth:`load` was not called. Returns only once the
         result is on the host, so the caller may reuse ``batch``'s (pinned) memory.
         """
-        net = self._net if self._net is not None else self.load()._net
-        assert net is not None
+        runner = self._runner if self._runner is not None else self.load()._runner
+        assert runner is not None
         self._check_batch(batch)
         if batch.shape[0] == 0:
             return np.empty((0, self.dim), dtype=np.float32)
         with torch.inference_mode():
-            out = self._forward(net, batch, self.device, self._autocast)
+            out = self._forward(runner, batch, self.device, self._autocast)
             return out.to("cpu", torch.float32).numpy()
 
     # -- internals ---------------------------------------------------------------------
@@ -297,6 +304,37 @@ class Encoder:
                 f"encoder.weights: checkpoint {path} does not fit backbone {self._backbone.name!r} (encoder.backbone): {e}"
             ) from e
 
+    def _frozen_graph(self, net: EmbeddingNet) -> nn.Module:
+        """The net as a traced, frozen TorchScript graph, checked against eager; eager if it fails.
+
+        Why: an eager forward re-takes the GIL between every one of its ~150 ops, and in a
+        worker whose fetch and decode threads run Python, each re-take can wait a full switch
+        interval (5 ms). Measured on 2 cores with two busy Python threads, mobilenet_v3_small
+        eager ran at 55 ms/image, the frozen graph at 5.6 ms/image (2.7 alone): a graph runs
+        its ops in C++ without the GIL. Freezing also folds BatchNorm into the convolutions.
+        ``torch.jit`` is deprecated in favour of ``torch.compile``, which needs a C compiler
+        and minutes of compiling at worker start; this needs neither.
+        """
+        s = self.image_size
+        rng = np.random.default_rng(1)
+        example = torch.from_numpy(rng.standard_normal((2, 3, s, s), dtype=np.float32))
+        check = torch.from_numpy(rng.standard_normal((3, 3, s, s), dtype=np.float32))
+        try:
+            with warnings.catch_warnings(), torch.inference_mode():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated"
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                graph = torch.jit.freeze(torch.jit.trace(net, example))
+                graph(check)  # the first calls optimise the graph for these shapes
+                err = float((graph(check) - net(check)).abs().max())
+        except Exception as e:  # noqa: BLE001 -- a backbone that does not trace: still serve, eager
+            log.warning("encoder.cpu_graph: tracing %s failed (%s); running eager", self._backbone.name, e)
+            return net
+        if not err < 1e-4:
+            log.warning("encoder.cpu_graph: the traced graph differs from eager by %.2g; running eager", err)
+            return net
+        self._graph = "torchscript"
+        return graph
+
     def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         name = self._settings.dtype
         if name == "float32":
@@ -310,7 +348,7 @@ class Encoder:
             dtype = torch.float16
         return dtype
 
-    def _warm_up(self, net: EmbeddingNet, device: torch.device, autocast: torch.dtype | None) -> None:
+    def _warm_up(self, net: nn.Module, device: torch.device, autocast: torch.dtype | None) -> None:
         """One full-size batch: kernels load now, and an out-of-memory fails at startup."""
         s = self.image_size
         x = torch.zeros(self._settings.batch_size, 3, s, s)
@@ -318,7 +356,7 @@ class Encoder:
             self._forward(net, x, device, autocast)
         torch.cuda.synchronize(device)
 
-    def _forward(self, net: EmbeddingNet, batch: torch.Tensor, device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
+    def _forward(self, net: nn.Module, batch: torch.Tensor, device: torch.device, autocast: torch.dtype | None) -> torch.Tensor:
         if device.type != "cuda":
             return net(batch.to(torch.float32))
         # From pinned memory the copy is asynchronous; the result's copy back waits for it.
@@ -338,9 +376,10 @@ class Encoder:
     def _announce(self, seconds: float) -> None:
         s, source = self._settings, self._source
         log.info(
-            "encoder loaded: %s on %s (autocast %s) in %.1fs, weights fingerprint %s",
+            "encoder loaded: %s on %s (%s, autocast %s) in %.1fs, weights fingerprint %s",
             self.model_version,
             self.device,
+            self._graph,
             self._autocast or "off",
             seconds,
             self._fingerprint,
