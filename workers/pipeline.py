@@ -61,9 +61,10 @@ class Pipeline:
         self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
         self.live = self.index.ensure()
         self.fetcher = Fetcher(
-            make_s3_client(s.s3_endpoint_url, s.s3_region, max_pool=s.worker.fetch_threads + s.worker.concurrency),
+            make_s3_client(s.s3_endpoint_url, s.s3_region),
             max_bytes=s.limits.max_image_bytes,
             local_root=s.local_root,
+            max_pool=s.worker.fetch_threads + s.worker.concurrency,
         )
         self.encoder = encoder or build_encoder(s.encoder)
         self.encoder.load()
