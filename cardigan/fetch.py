@@ -35,6 +35,7 @@ def make_s3_client(endpoint_url: str | None, region: str, *, max_pool: int = 32)
         read_timeout=20,
         max_pool_connections=max_pool,
         s3={"addressing_style": "path"},
+        signature_version="s3v4",  # presigned URLs default to SigV2, which AWS is retiring and rclone refuses
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=cfg)
 

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cardigan.stack import Stack, StackError
+from cardigan.stack import S3_MODES, Stack, StackError
 
 DEFAULT_DIR = Path(".cardigan") / "stack"
 _CHOICES_FILE = "cardigan-stack.json"  # the flags of the last `up`, for later commands
@@ -49,8 +49,8 @@ def make_stack(data_dir: Path | None, *, s3: str | None = None, flower: bool | N
     d = (data_dir or default_data_dir()).absolute()
     remembered = _choices(d)
     mode = s3 or remembered.get("s3") or "moto"
-    if mode not in ("moto", "folder"):
-        err_console.print(f"[red]error:[/] --s3 must be 'moto' or 'folder', not {mode!r}")
+    if mode not in S3_MODES:
+        err_console.print(f"[red]error:[/] --s3 must be one of {', '.join(S3_MODES)}, not {mode!r}")
         raise typer.Exit(2)
     use_flower = flower if flower is not None else bool(remembered.get("flower", False))
     return Stack(d, s3=mode, flower=use_flower)  # type: ignore[arg-type]
@@ -66,7 +66,7 @@ def up(
     data_dir: Path | None = typer.Option(None, "--data-dir", "-d", help=_DATA_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of export lines"),
     flower: bool | None = typer.Option(None, "--flower/--no-flower", help="also run Flower (loopback, basic auth)"),
-    s3: str | None = typer.Option(None, "--s3", help="moto (an S3 server) or folder (file:// images)"),
+    s3: str | None = typer.Option(None, "--s3", help="moto (S3 server, Python), rclone (S3 server, Go: faster, objects kept as files) or folder (file:// images)"),
     timeout: float = typer.Option(90, "--timeout", min=1, help="seconds to wait for every server to answer"),
 ) -> None:
     """Start (or reuse) the servers and print how to reach them."""
