@@ -60,6 +60,10 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     assert html.count("<section>") == 4 and "data:image/jpeg;base64," in html
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["ok"] is True and summary["events"] == res.events
+    # hit rates are scored over a street photo of every live product, not only the 3 shown
+    assert res.queries_scored == v.products_live == summary["queries_scored"]
+    assert res.hit_at_1 is not None and res.hit_at_k is not None and 0 <= res.hit_at_1 <= res.hit_at_k <= 1
+    assert f"of {v.products_live} new street photos" in text
     assert res.image_size == 64 and "-64-" in res.model_version
     # random weights by default, so the demo trained first and its workers loaded the checkpoint
     assert res.training is not None and not res.training["reused"] and not res.random_weights
