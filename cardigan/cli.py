@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,18 @@ def worker_argv(settings: Settings, index: int, *, queues: list[str], concurrenc
     ]  # fmt: skip
 
 
+def worker_env(processes: int, environ: Mapping[str, str], cores: int | None = None) -> dict[str, str]:
+    """The workers' environment: torch's threads split between the processes, unless set.
+
+    Why: torch starts one OpenMP thread per core in *every* process; N processes on C cores
+    would run N×C threads that stall at each other's barriers (docs/performance.md)."""
+    env = dict(environ)
+    threads = str(max(1, (cores or os.cpu_count() or 1) // processes))
+    env.setdefault("OMP_NUM_THREADS", threads)
+    env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
+    return env
+
+
 @app.command()
 def worker(
     processes: int = typer.Option(1, "--processes", "-p", min=1, help="worker processes (one model each; one per GPU or ~2 cores)"),
@@ -106,7 +120,8 @@ def worker(
     s = _settings()
     qs = queues.split(",") if queues else [s.queue, s.bulk_queue]
     argvs = [worker_argv(s, i, queues=qs, concurrency=concurrency or s.worker.concurrency, loglevel=loglevel) for i in range(processes)]
-    procs: list[subprocess.Popen[bytes]] = [subprocess.Popen(a) for a in argvs]
+    env = worker_env(processes, os.environ)
+    procs: list[subprocess.Popen[bytes]] = [subprocess.Popen(a, env=env) for a in argvs]
     stopping = False
 
     def _stop(signum: int, _frame: Any) -> None:
@@ -127,7 +142,7 @@ def worker(
                     _stop(signal.SIGTERM, None)
                     raise typer.Exit(2)
                 err_console.print(f"worker {i} exited with {p.returncode}; restarting")
-                procs[i] = subprocess.Popen(argvs[i])
+                procs[i] = subprocess.Popen(argvs[i], env=env)
     for p in procs:
         try:
             p.wait(60)

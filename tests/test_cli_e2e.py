@@ -100,3 +100,12 @@ def test_e2e_worker_with_a_config_error_stops_instead_of_looping(ns: Namespace) 
     assert res.returncode == 2
     assert "Unknown backbone 'no_such_net'" in res.stdout + res.stderr
     assert "configuration error" in res.stderr
+
+
+def test_worker_processes_split_torch_threads_unless_told() -> None:
+    from cardigan.cli import worker_env
+
+    env = worker_env(4, {"PATH": "/bin"}, cores=16)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "4" and env["PATH"] == "/bin"
+    assert worker_env(3, {}, cores=2)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert worker_env(1, {"OMP_NUM_THREADS": "2"}, cores=16)["OMP_NUM_THREADS"] == "2"  # the operator's choice wins
