@@ -26,8 +26,22 @@ _ERROR_BODY_MAX = 16 * 1024
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
+# At DEBUG these log what signs a request: botocore.auth the canonical request and signature,
+# botocore.endpoint the Authorization header, urllib3 the request line with a presigned URL's
+# query. A worker run with -l DEBUG must still not print a usable signature.
+_SIGNING_LOGGERS = ("botocore.auth", "botocore.endpoint", "urllib3.connectionpool")
+
+
+def quiet_signing_logs() -> None:
+    """Keep the loggers that would print signatures at INFO or above."""
+    for name in _SIGNING_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.level, logging.INFO))
+
+
 def make_s3_client(endpoint_url: str | None, region: str, *, max_pool: int = 32) -> Any:
     """One client per process: thread-safe, pooled; credentials from boto3's standard chain."""
+    quiet_signing_logs()
     cfg = Config(
         region_name=region,
         retries={"max_attempts": 2, "mode": "standard"},  # our own retry policy does the rest
@@ -69,9 +83,6 @@ class Fetcher:
         self._s3 = s3_client
         self._max_bytes = max_bytes
         self._root = Path(os.path.realpath(local_root)) if local_root else None
-        # urllib3 logs each request line, query string (the signature) included, at DEBUG
-        pool_log = logging.getLogger("urllib3.connectionpool")
-        pool_log.setLevel(max(pool_log.level, logging.INFO))
         self._http = urllib3.PoolManager(
             maxsize=max_pool,
             timeout=urllib3.Timeout(connect=5, read=20),
