@@ -61,7 +61,8 @@ def _snap(t: torch.Tensor, scale: torch.Tensor, bits: int = 12) -> None:
     value's natural scale, far finer than anything a random net needs), noise rounds to zero
     and a real value lands on the same step everywhere: every machine keeps the same float32s.
     """
-    step = torch.exp2(torch.floor(torch.log2(scale.double())) - bits)
+    _, exponent = torch.frexp(scale.double())  # exact, unlike log2: scale = m * 2**exponent, m in [0.5, 1)
+    step = torch.ldexp(torch.ones_like(scale, dtype=torch.float64), exponent - 1 - bits)
     t.copy_(torch.round(t.double() / step) * step + 0.0)  # + 0.0: noise that rounds to -0.0 becomes +0.0
 
 
