@@ -944,7 +944,7 @@ def bench(
     naive: bool = typer.Option(True, "--naive/--no-naive", help="also run the unbatched pipeline"),
     soak_events: int = typer.Option(0, "--soak", min=0, help="also run an RSS soak of this many events"),
     s3: str = typer.Option(
-        "rclone", "--s3", help="S3 server on this machine: rclone (Go, ~0.2 ms CPU per GET) or moto (Python, ~2 ms); folder: file:// URIs"
+        "rclone", "--s3", help="S3 server on this machine: rclone (Go, ~0.5 ms CPU per GET) or moto (Python, ~2.3 ms); folder: file:// URIs"
     ),
     pool: int = typer.Option(200, "--pool", min=1, help="distinct products rendered (events reuse their photos)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),

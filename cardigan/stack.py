@@ -279,11 +279,16 @@ class Stack:
     # ---------------------------------------------------------------- public API
 
     @property
+    def s3_service(self) -> str | None:
+        """The S3 server this stack runs (``moto`` or ``rclone``); None in folder mode."""
+        return None if self.s3 == "folder" else self.s3
+
+    @property
     def services(self) -> tuple[str, ...]:
         """The services this configuration runs, in start order."""
         wanted = {"valkey", "milvus"}
-        if self.s3 in ("moto", "rclone"):
-            wanted.add(self.s3)
+        if self.s3_service:
+            wanted.add(self.s3_service)
         if self.flower:
             wanted.add("flower")
         return tuple(s for s in SERVICES if s in wanted)
@@ -303,7 +308,7 @@ class Stack:
             for name in self.services:
                 self._wait_healthy(name, deadline)
                 self._after_start(name, deadline)
-            if self.s3 in ("moto", "rclone"):
+            if self.s3_service:
                 self._ensure_bucket()
             return self._info()
 
@@ -470,8 +475,8 @@ class Stack:
                 env["MOTO_RECORDER_FILEPATH"] = str(self._moto_recording)
             return [py, "-c", _MOTO_MAIN, "-H", HOST, "-p", str(port)], env
         if name == "rclone":
-            # rclone's own S3 server (Go) over a folder: ~0.2 ms of CPU per GET where moto takes
-            # ~2 ms. Keys through the environment, not argv (/proc/<pid>/cmdline is public).
+            # rclone's own S3 server (Go) over a folder: ~0.5 ms of CPU per GET under load where
+            # moto takes ~2.3 (docs/performance.md). Keys through the environment, not argv (/proc/<pid>/cmdline is public).
             argv = [rclone_binary(), "serve", "s3", "--addr", f"{HOST}:{port}", str(self.data_dir / "s3data")]
             # A list flag from the environment is read as CSV: the pair is quoted to stay one item.
             env = {"RCLONE_AUTH_KEY": f'"{STACK_AWS_KEY_ID},{STACK_AWS_SECRET}"', "RCLONE_CONFIG": "/dev/null"}
@@ -670,14 +675,13 @@ class Stack:
         def url(name: str, scheme: str, suffix: str = "") -> str:
             return f"{scheme}://{HOST}:{self._recorded_port(name)}{suffix}"
 
-        server = self.s3 in ("moto", "rclone")
         return StackInfo(
             data_dir=self.data_dir,
             broker_url=url("valkey", "redis", "/0"),
             milvus_uri=url("milvus", "http"),
-            s3_endpoint_url=url(self.s3, "http") if server else None,
+            s3_endpoint_url=url(self.s3_service, "http") if self.s3_service else None,
             bucket=self.bucket,
-            local_root=None if server else self.local_root,
+            local_root=None if self.s3_service else self.local_root,
             flower_url=url("flower", "http") if self.flower else None,
             flower_user=self.flower_user if self.flower else None,
             flower_password=self._flower_secret() if self.flower else None,

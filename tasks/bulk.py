@@ -19,8 +19,7 @@ from celery import Task, shared_task
 
 from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, StateUnavailable, TransientError
 from cardigan.reindex import ReindexState
-from tasks.policy import backoff_s, count_delivery, never_lost
-from tasks.policy import dead_letter as _dead
+from tasks.policy import backoff_s, count_delivery, dead_letter, never_lost
 from workers import metrics, runtime
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def run_bulk(
         return {"bulk": True, "collection": collection, "chunk": chunk, "outcomes": outcomes}
 
     if not isinstance(events, list):
-        _dead(task, events, InternalError("a bulk task's first argument must be a list of events"), retries + 1)
+        dead_letter(task, events, InternalError("a bulk task's first argument must be a list of events"), retries + 1)
         count(events, "dead")
         return finish()
     try:
@@ -77,7 +76,7 @@ def run_bulk(
     if deliveries > s.worker.max_deliveries:
         err = PoisonMessage(f"bulk chunk delivered {deliveries} times without finishing: the worker died each time")
         for ev in events:
-            _dead(task, ev, err, retries + deliveries)
+            dead_letter(task, ev, err, retries + deliveries)
             count(ev, "dead")
         return finish()
     try:
@@ -99,18 +98,18 @@ def run_bulk(
             res = fut.result()
             count(ev, res.outcome)
         except PermanentError as e:
-            _dead(task, ev, e, retries + 1)
+            dead_letter(task, ev, e, retries + 1)
             count(ev, "dead")
         except (TransientError, redis.RedisError) as e:
             failed.append((ev, e if isinstance(e, TransientError) else StateUnavailable(f"state store: {e}")))
         except Exception as e:  # noqa: BLE001 - a bug: keep the event for replay after the fix
             log.exception("unexpected error in a bulk event")
-            _dead(task, ev, InternalError(f"{type(e).__name__}: {e}"), retries + 1)
+            dead_letter(task, ev, InternalError(f"{type(e).__name__}: {e}"), retries + 1)
             count(ev, "dead")
     if failed:
         if retries >= s.worker.max_retries:
             for ev, e in failed:
-                _dead(task, ev, RetriesExhausted(f"gave up after {retries + 1} attempts: {e.reason}"), retries + 1)
+                dead_letter(task, ev, RetriesExhausted(f"gave up after {retries + 1} attempts: {e.reason}"), retries + 1)
                 count(ev, "dead")
         else:
             first = failed[0][1]

@@ -34,6 +34,27 @@ def _seeded_rng() -> Iterator[None]:
     random.setstate(state)
 
 
+@pytest.fixture
+def torch_rng_isolated() -> Iterator[None]:
+    """Tests may seed torch's global RNG; the next test must not notice."""
+    import torch
+
+    state = torch.random.get_rng_state()
+    yield
+    torch.random.set_rng_state(state)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Small batches on 2 busy cores: two intra-op threads spin in OpenMP barriers (3-30x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
     st = Stack(tmp_path_factory.mktemp("stack"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from concurrent.futures import Future
 
 import numpy as np
@@ -28,15 +27,7 @@ from workers.pipeline import STATS_KEY
 
 SIZE = 64
 ATOL = 1e-4  # a forward pass of 1 and of 16 images may pick different kernels: not bit-equal
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Two intra-op threads on a busy 2-core box spin in OpenMP barriers (5-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from encoder.checkpoint import file_sha256
 SIZE = 64
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.cuda  # run where a GPU is; deselected elsewhere (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("torch_rng_isolated", "one_torch_thread")  # tests/conftest.py
 
 
 def make_settings(**kw: Any) -> EncoderSettings:
@@ -56,23 +56,6 @@ def images(n: int, seed: int = 1, size: int = SIZE) -> torch.Tensor:
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     return ((x - mean) / std).contiguous()
-
-
-@pytest.fixture(autouse=True)
-def _isolate_rng() -> Iterator[None]:
-    """Tests may seed the global RNG; the next test must not notice."""
-    state = torch.random.get_rng_state()
-    yield
-    torch.random.set_rng_state(state)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Two intra-op threads on a busy 2-core box spin in OpenMP barriers (5-30x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,11 +34,8 @@ FAULT_ENV = {
 def own_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A stack of this module's own: these tests stop and start its servers."""
     st = Stack(tmp_path_factory.mktemp("fault-stack"))
-    st.up()
-    try:
+    with st.running():
         yield st
-    finally:
-        st.down()
 
 
 @pytest.fixture

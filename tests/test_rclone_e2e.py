@@ -21,11 +21,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def rclone_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack(tmp_path_factory.mktemp("rclone-stack"), s3="rclone")
-    st.up()
-    try:
+    with st.running():
         yield st
-    finally:
-        st.down()
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 # Before torch loads (when this module is the first to load it): idle OpenMP threads sleep
@@ -29,26 +28,11 @@ from encoder.train import TrainReport, build_net, make_eval_set, synthetic_train
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 SETTINGS = EncoderSettings(backbone="mobilenet_v3_small", image_size=SIZE, device="cpu", seed=0)
+pytestmark = pytest.mark.usefixtures("torch_rng_isolated", "one_torch_thread")  # tests/conftest.py
 
 
 def _quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
-
-
-@pytest.fixture(autouse=True)
-def _isolate_rng() -> Iterator[None]:
-    state = torch.random.get_rng_state()
-    yield
-    torch.random.set_rng_state(state)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny batches: on 2 shared cores, one torch thread ran these steps 3x faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
