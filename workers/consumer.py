@@ -27,6 +27,7 @@ from kombu.message import Message
 from vine import promise
 
 from cardigan.errors import PermanentError
+from workers import redelivery
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ class Consumer(CeleryConsumer):
             super().on_connection_error_after_connected(exc)
         except AttributeError as e:
             log.warning("closing the lost broker connection failed (%s); its prefetched messages return after the visibility timeout", e)
+
+    def connection_for_read(self, heartbeat: Any = None) -> Any:
+        """The broker connection; on Redis, with owned deliveries (workers/redelivery.py)."""
+        return self.ensure_connected(redelivery.install(self.app.connection_for_read(heartbeat=heartbeat)))
 
     # -- the check before Celery's strategy ------------------------------------------------
 
