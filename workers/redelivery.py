@@ -161,6 +161,7 @@ def restore_tag(channel: Channel, client: redis.Redis, tag: str, *, owner: str |
         args = [tag, entry, current, "1" if leftmost else "0", dumps(payload), "1" if require_dead else "0"]
         res = int(client.eval(_RESTORE, len(keys), *keys, *args))
         if res == 1:
+            log.info("message %s restored to %s (held by %s)", tag, dests, current or "nobody")
             return True
         if res in (-1, -3):
             return False

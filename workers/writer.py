@@ -14,13 +14,20 @@ from typing import Any, Literal
 
 import redis
 
+from cardigan.errors import StateUnavailable
 from cardigan.event import primary_key
-from cardigan.guard import VersionGuard
+from cardigan.guard import Held, VersionGuard
 from cardigan.index import Index
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["applied", "stale"]
+REPAIR_ATTEMPTS = 4
+MAX_REPAIR_LOCK_MS = 600_000
+
+
+class LockLost(Exception):
+    """A repair's lock expired before it finished (internal: the repair tries again)."""
 FRESHNESS_KEY = "cardigan:freshness_ms"
 TARGETS_KEY = "cardigan:write_targets:{alias}"
 
@@ -83,17 +90,88 @@ class IndexWriter:
         return ["applied" if id(op) in applied_any else "stale" for op in ops]
 
     def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> list[WriteOp]:
-        with self._guard.locked(collection, newest):
+        with self._guard.locked(collection, newest) as held:
             current = self._guard.versions(collection, list(newest))
             todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
             if not todo:
                 return []
-            rows = [r for op in todo if op.kind == "upsert" for r in op.rows]
-            dels = [k for op in todo for k in op.delete_keys(self._max_images)]
-            self._index.upsert(collection, rows)
-            self._index.delete(collection, dels)
-            self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in todo})
+            refused = self._fenced_write(collection, held, todo)
+        if not refused:
             return todo
+        lost = [op for op in todo if op.product_id in refused]
+        log.warning("lock expired during the write of %d product(s) in %s (e.g. %r): repairing", len(lost), collection, lost[0].product_id)
+        return [op for op in todo if op.product_id not in refused] + self._repair(collection, lost)
+
+    def _fenced_write(self, collection: str, held: Held, todo: list[WriteOp]) -> set[str]:
+        """Write and record under the lock; returns the products whose lock expired meanwhile.
+
+        The lock is renewed before each Milvus call (each call's timeout fits in the TTL); once a
+        lock is lost nothing more is written or recorded for anyone (the repair takes over).
+        """
+        if held.takeovers:  # the previous holder's write may land after ours: keep ours to redo
+            self._guard.journal(collection, {op.product_id: (op.version, op.rows) for op in todo if op.product_id in held.takeovers and op.kind == "upsert"})
+        rows = [r for op in todo if op.kind == "upsert" for r in op.rows]
+        dels = [k for op in todo for k in op.delete_keys(self._max_images)]
+        for call, arg in ((self._index.upsert, rows), (self._index.delete, dels)):
+            if not arg:
+                continue
+            lost = self._guard.renew(collection, held)
+            if lost:
+                return {op.product_id for op in todo}
+            held.unsettled = True  # if the call fails, it may still land later
+            call(collection, arg)
+            held.unsettled = False
+        return self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in todo}, token=held.token)
+
+    def _repair(self, collection: str, lost: list[WriteOp]) -> list[WriteOp]:
+        """Our lock expired while our write was in flight: another writer may have written in
+        between, and our write may have landed over theirs. Under a fresh lock, whichever is
+        newest (ours, or the recorded one) is written again; returns our ops that won.
+
+        Milvus was slower than the lock TTL just now, so each attempt holds its lock twice as
+        long as the one before (a repair that cannot finish would leave the index wrong).
+        """
+        ttl = self._guard.lock_ttl_ms
+        for attempt in range(1, REPAIR_ATTEMPTS + 1):
+            ttl = min(2 * ttl, MAX_REPAIR_LOCK_MS)
+            try:
+                return self._repair_once(collection, lost, ttl)
+            except LockLost:
+                log.warning("repair attempt %d in %s outlived its %.0f s lock; trying again", attempt, collection, ttl / 1000)
+        raise StateUnavailable(f"could not repair {len(lost)} product(s) in {collection}: Milvus slower than a {ttl / 1000:.0f} s lock")
+
+    def _repair_once(self, collection: str, lost: list[WriteOp], ttl_ms: int) -> list[WriteOp]:
+        newest = {op.product_id: op for op in lost}
+        with self._guard.locked(collection, newest, wait_s=self._guard.lock_ttl_ms / 1000 * 4, ttl_ms=ttl_ms) as held:
+            current = self._guard.versions(collection, list(newest))
+            mine = [op for pid, op in newest.items() if current[pid] is None or op.version >= current[pid][0]]  # type: ignore[index]
+            redo = list(mine)
+            for pid, rec in current.items():
+                if pid in {op.product_id for op in mine} or rec is None:
+                    continue
+                version, kind = rec
+                if kind == "delete":
+                    redo.append(WriteOp(pid, version, "delete"))
+                    continue
+                kept = self._guard.journaled(collection, pid)
+                if kept is None or kept[0] != version:
+                    log.error("cannot repair %r in %s: the rows of v%d were not journaled; the next event for it fixes it", pid, collection, version)
+                    continue
+                redo.append(WriteOp(pid, version, "upsert", rows=kept[1]))
+            rows = [r for op in redo if op.kind == "upsert" for r in op.rows]
+            dels = [k for op in redo for k in op.delete_keys(self._max_images)]
+            held.unsettled = True  # until the repair is recorded, a later taker journals its rows
+            for call, arg in ((self._index.upsert, rows), (self._index.delete, dels)):
+                if arg:
+                    if self._guard.renew(collection, held):
+                        raise LockLost()
+                    call(collection, arg)
+            ours = {op.product_id: (op.version, op.kind) for op in mine if current[op.product_id] is None or op.version > current[op.product_id][0]}  # type: ignore[index]
+            if self._guard.renew(collection, held) or self._guard.record(collection, ours, token=held.token):
+                raise LockLost()
+            held.unsettled = False
+        log.warning("repaired %d product(s) in %s: %d ours, %d another writer's", len(redo), collection, len(mine), len(redo) - len(mine))
+        return mine
 
     def _record_freshness(self, ops: list[WriteOp]) -> None:
         now = int(time.time() * 1000)
