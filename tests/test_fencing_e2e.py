@@ -27,11 +27,11 @@ from tests.test_index_e2e import add, delete
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
 LOCK_TTL_MS = 2000
-DELAY_S = 8.0  # far past the lock TTL, well inside the Milvus call timeout (20 s)
+DELAY_S = 5.0  # requests only: past the lock TTL, well inside the Milvus call timeout (20 s)
 
 
 class DelayProxy:
-    """A loopback TCP relay that delivers each chunk ``delay_s`` after it arrived (in order)."""
+    """A loopback TCP relay that delivers each request chunk ``delay_s`` after it arrived (in order)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -68,8 +68,8 @@ class DelayProxy:
     def _read(self, src: socket.socket, q: queue.Queue[tuple[float, bytes]], up: bool) -> None:
         try:
             while data := src.recv(65536):
-                delay = self.delay_s
-                if up and delay:
+                delay = self.delay_s if up else 0.0
+                if delay:
                     self.upstream_bytes += len(data)
                 q.put((time.monotonic() + delay, data))
         except OSError:
@@ -109,7 +109,9 @@ def test_e2e_slow_milvus_past_the_lock_ttl_leaves_the_index_right(ns: Namespace,
     news = [delete(f"fz-{i}", 2) if i % 2 == 0 else add(ns, f"fz-{i}", 2, 2, kind="modify") for i in range(n)]
     expected: dict[str, Expected | None] = {f"fz-{i}": None if i % 2 == 0 else Expected(2, 2) for i in range(n)}
 
-    a = ns.start_worker(extra_env={"CARDIGAN_MILVUS_URI": f"http://127.0.0.1:{proxy.port}"})
+    # A writes all its products in one batch (the whole batch outlives its locks)
+    slow = {"CARDIGAN_MILVUS_URI": f"http://127.0.0.1:{proxy.port}", "CARDIGAN_WORKER__WRITE_BATCH_SIZE": str(n), "CARDIGAN_WORKER__WRITE_WAIT_MS": "60000"}
+    a = ns.start_worker(extra_env=slow)
     own_queue = ns.settings.queue
     ns.set_env(CARDIGAN_QUEUE=other_queue)
     ns.start_worker()  # B: its own queue, Milvus direct
@@ -144,7 +146,8 @@ def _run(ns: Namespace, proxy: DelayProxy, a: Any, olds: list[dict], news: list[
     # A's old write lands after B's, A's record is refused and A repairs
     wait_until(lambda: "repaired" in a.log_text(), 240, "A to repair after its lock expired")
     proxy.delay_s = 0.0
-    assert "lock expired during the write" in a.log_text()
+    assert f"lock expired during the write of {n} product(s)" in a.log_text()
+    assert f"repaired {n} product(s)" in a.log_text()  # deletes and modifies of the other writer
     index = ns.index()
     last: Any = None
 
