@@ -235,6 +235,10 @@ class Supervisor(threading.Thread):
         with self._lock:
             mine = dict(self._owners)
             client = self._client
+        for owner, ch in list(mine.items()):
+            if ch.closed or getattr(ch, "_closing", False):  # a close that failed half-way
+                self.unregister(owner)
+                del mine[owner]
         if client is None or not mine:
             return 0
         pipe = client.pipeline(transaction=False)
