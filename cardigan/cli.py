@@ -398,6 +398,9 @@ _register_train(app)
 from cardigan.bench import register as _register_bench  # noqa: E402
 
 _register_bench(app)
+from cardigan.events_cli import register as _register_events  # noqa: E402
+
+_register_events(app)
 
 
 def main() -> None:
