@@ -42,7 +42,7 @@ def _settings() -> Settings:
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/] {msg}")
+    err_console.print(f"[red]error:[/] {msg}", soft_wrap=True)  # one line, whatever the terminal's width
     raise typer.Exit(code)
 
 
