@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint faults bench clean
+.PHONY: demo test lint faults bench clean compose-example
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-out .cardigan
+
+# With `docker compose up -d` running: sample photos into the images MinIO, their add events in
+# ./data/events.jsonl (the file the compose `publish` service reads), then published.
+compose-example:
+	@echo "== rendering 20 sample products, uploading their photos to the compose images MinIO"
+	mkdir -p data
+	docker compose --profile tools run --rm -T example-catalog > data/events.jsonl.tmp
+	mv data/events.jsonl.tmp data/events.jsonl
+	@echo "== publishing data/events.jsonl ($$(wc -l < data/events.jsonl) events)"
+	docker compose --profile tools run --rm publish
+	@echo "== then: docker compose exec worker-cpu cardigan events show example-0001"

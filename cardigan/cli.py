@@ -401,6 +401,9 @@ _register_bench(app)
 from cardigan.events_cli import register as _register_events  # noqa: E402
 
 _register_events(app)
+from cardigan.example_cli import register as _register_example  # noqa: E402
+
+_register_example(app)
 
 
 def main() -> None:

@@ -47,7 +47,9 @@ def where(settings: Settings, *, broker: bool = False, queues: list[str] | None 
     parts = []
     if broker:
         qs = queues if queues is not None else [s.queue]
-        parts.append(f"broker {redact_url(s.broker_url)} (queue{'s' if len(qs) > 1 else ''} {', '.join(qs)})")
+        # kombu/Celery print every broker URL as redis://:**@host, password or not: say which it is
+        pw = "password ***" if "@" in s.broker_url.split("://", 1)[-1] else "no password"
+        parts.append(f"broker {redact_url(s.broker_url)} ({pw}; queue{'s' if len(qs) > 1 else ''} {', '.join(qs)})")
     if state:
         url = state_url(s)
         parts.append("state: the broker's Redis" if broker and url == s.broker_url else f"state {redact_url(url)}")

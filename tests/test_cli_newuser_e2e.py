@@ -81,7 +81,7 @@ def test_every_command_without_a_stack_says_where_and_what_to_do(tmp_path: Path)
             assert took < 60, f"the worker should give up after its bounded attempts, took {took:.0f}s"
     # the where line names the alias and the queue, with the password shown as ***
     res = cardigan(env, "status")
-    assert f"redis://:***@127.0.0.1:{port}/0" in res.stderr and "alias shop" in res.stderr and "cardigan.events" in res.stderr
+    assert f"redis://:***@127.0.0.1:{port}/0 (password ***" in res.stderr and "alias shop" in res.stderr and "cardigan.events" in res.stderr
 
 
 # -- the README's keep flow, in a shell where the venv is not activated ---------------------------
@@ -103,7 +103,7 @@ def test_keep_flow_env_file_in_a_plain_shell(stack: StackInfo, tmp_path: Path) -
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.splitlines()[0] == str(Path(venv_bin) / "cardigan")
     # status talked to the kept stack's broker (the demo's db) and alias, and said so
-    assert f"cardigan: broker {stack.broker_url.rsplit('/', 1)[0]}/1" in res.stderr and "alias demo" in res.stderr
+    assert f"cardigan: broker {stack.broker_url.rsplit('/', 1)[0]}/1 (no password;" in res.stderr and "alias demo" in res.stderr
     assert "cardigan status" in res.stdout and "drained" in res.stdout
     # stack status looked in the kept stack's folder, not ./.cardigan/stack, and found it healthy
     assert f"stack {stack.data_dir}" in res.stdout.replace("\n", "") and "stopped" not in res.stdout
@@ -186,3 +186,34 @@ def test_events_show_similar_hint_and_status_plural(ns: Namespace) -> None:
     # an id that could never be valid is refused before any server is asked
     bad = cardigan(ns.env, "events", "show", 'x" or 1==1')
     assert bad.returncode == 1 and "not a valid product id" in bad.stderr
+
+
+# -- the worked example for compose (and any S3): sample photos and their events ---------------
+
+
+def test_example_catalog_uploads_photos_and_writes_publishable_events(ns: Namespace, tmp_path: Path) -> None:
+    from cardigan.verify import Expected
+    from tests.test_index_e2e import converge
+
+    bucket = f"ex-{ns.settings.queue.rsplit('.', 1)[-1]}"  # a bucket that does not exist yet
+    env = {**ns.env, "CARDIGAN_BUCKET": bucket}
+    res = cardigan(env, "example-catalog", "--products", "3", "--prefix", "shop")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith(f"cardigan: s3 {ns.settings.s3_endpoint_url} (bucket {bucket}")
+    events = [json.loads(line) for line in res.stdout.splitlines()]  # stdout holds only the events
+    assert [e["product_id"] for e in events] == ["shop-0001", "shop-0002", "shop-0003"]
+    keys = {o["Key"] for o in ns.s3().list_objects_v2(Bucket=bucket)["Contents"]}
+    uris = [i["uri"] for e in events for i in e["images"]]
+    assert {u.removeprefix(f"s3://{bucket}/") for u in uris} == keys and all(k.startswith("shop/") for k in keys)
+    events_file = tmp_path / "events.jsonl"
+    events_file.write_text(res.stdout)
+    # and they index: published as written, by a real worker
+    ns.set_env(CARDIGAN_BUCKET=bucket)
+    ns.start_worker(concurrency=4)
+    pub = cardigan(ns.env, "publish", str(events_file))
+    assert pub.returncode == 0 and "published 3, rejected 0" in pub.stdout, pub.stderr
+    converge(ns, {e["product_id"]: Expected(1, len(e["images"])) for e in events})
+    # an S3 that does not answer: one line, exit 2
+    down = cardigan({**env, "CARDIGAN_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}"}, "example-catalog", "-n", "1", "--out", str(tmp_path / "x.jsonl"))
+    assert down.returncode == 2 and "cannot upload to s3 http://127.0.0.1:" in down.stderr and "Traceback" not in down.stderr, down.stderr
+    assert not (tmp_path / "x.jsonl").exists()
