@@ -57,8 +57,9 @@ def _progress() -> Progress:
 def publish(
     file: str = typer.Argument(..., help="JSON lines file of events, or - for standard input"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    wait: float = typer.Option(0, "--wait", min=0, help="then wait up to this many seconds for each event's outcome (applied, stale, dead) and print it"),
 ) -> None:
-    """Validate and publish events; report rejected lines; exit 1 if any was rejected."""
+    """Validate and publish events; report rejected lines; exit 1 if any was rejected (or, with --wait, not applied)."""
     from cardigan.publish import Publisher, read_json_lines
 
     settings = _settings()
@@ -81,7 +82,17 @@ def publish(
         for r in report.rejected:
             err_console.print(f"line {r.line}: [red]rejected[/]: {r.reason}")
         console.print(f"published {report.published}, rejected {len(report.rejected)}")
-    raise typer.Exit(1 if report.rejected else 0)
+    failed = bool(report.rejected)
+    if wait and report.sent:
+        from cardigan.events_cli import wait_for_outcomes
+        from cardigan.guard import make_redis
+
+        with talking_to(settings, state=True):
+            outcomes = wait_for_outcomes(make_redis(state_url(settings)), settings.collection, report.sent, wait)
+        for line in outcomes:
+            typer.echo(line, err=as_json)  # stdout stays one JSON document with --json
+        failed = failed or any(": dead: " in x or ": no outcome within " in x for x in outcomes)
+    raise typer.Exit(1 if failed else 0)
 
 
 # -- worker -----------------------------------------------------------------------------

@@ -59,6 +59,40 @@ def product_report(settings: Any, product_id: str) -> dict[str, Any]:
     }
 
 
+def wait_for_outcomes(r: Any, alias: str, sent: list[Any], timeout_s: float, interval_s: float = 0.5) -> list[str]:
+    """One line per published event once its outcome is known (applied, stale, dead, or
+    superseded by a later version), or "no outcome" for those still open at the timeout."""
+    from cardigan.deadletter import DeadLetters
+    from workers.writer import OUTCOME_KEY
+
+    done: dict[int, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        open_ = [i for i in range(len(sent)) if i not in done]
+        raws = r.mget([OUTCOME_KEY.format(alias=alias, product_id=sent[i].product_id) for i in open_]) if open_ else []
+        dead = {d.task_id: d for d in DeadLetters(r).list(1000)} if open_ else {}
+        for i, raw in zip(open_, raws, strict=True):
+            ev, head = sent[i], f"line {sent[i].line}: {sent[i].type} {sent[i].product_id} v{sent[i].version}"
+            if ev.task_id in dead:
+                d = dead[ev.task_id]
+                done[i] = f"{head}: dead: {d.reason} (`cardigan dead show {d.id}`)"
+                continue
+            last = json.loads(raw) if raw else None
+            if last is None:
+                continue
+            if last["version"] == ev.version and last["type"] == ev.type:
+                n = last.get("vectors", 0)
+                done[i] = f"{head}: {last['outcome']}" + (
+                    " (an equal or newer version was already recorded: ignored)" if last["outcome"] == "stale" else f" ({n} vector{'' if n == 1 else 's'})"
+                )
+            elif last["version"] > ev.version:
+                done[i] = f"{head}: superseded (v{last['version']} of it was processed since)"
+        if len(done) == len(sent) or time.monotonic() > deadline:
+            break
+        time.sleep(interval_s)
+    return [done.get(i, f"line {e.line}: {e.type} {e.product_id} v{e.version}: no outcome within {timeout_s:.0f} s (is a worker running? `cardigan status`)") for i, e in enumerate(sent)]
+
+
 def _lines(rep: dict[str, Any], ttl_s: int) -> list[str]:
     pid, v = rep["product_id"], rep["vectors"]
     out = [f"product {pid} (alias {rep['alias']} -> {rep['live_collection'] or 'no collection yet'})"]

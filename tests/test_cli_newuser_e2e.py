@@ -148,17 +148,27 @@ def test_dead_letter_ids_and_prefixes(ns: Namespace) -> None:
     assert {d.id for d in ns.dead().list()} == {"00d36066bd4e", "00d3aaaa0000"}
 
 
-def test_events_show_similar_hint_and_status_plural(ns: Namespace) -> None:
+def test_publish_wait_events_show_similar_hint_and_status_plural(ns: Namespace, tmp_path: Path) -> None:
     ns.start_worker(concurrency=4)
-    ns.publish([add(ns, "sku-0152", 2, 1)])
-    wait_until(lambda: len(ns.index().get_product("sku-0152", 8)) == 1 and ns.drained(), 120, "sku-0152 indexed")
-    ns.publish([add(ns, "sku-0152", 1, 2, seed=1)])  # an older version, arriving late
+    # publish --wait reports each event's outcome: applied, or dead with its reason
+    missing = {"type": "add", "product_id": "sku-9", "version": 1, "images": [{"uri": f"s3://{ns.settings.bucket}/no/such.jpg"}]}
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps(add(ns, "sku-0152", 2, 1)) + "\n" + json.dumps(missing) + "\n")
+    res = cardigan(ns.env, "publish", "--wait", "120", str(first), timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr  # one event is dead
+    assert "line 1: add sku-0152 v2: applied (1 vector)" in res.stdout, res.stdout
+    assert "line 2: add sku-9 v1: dead: " in res.stdout and "cardigan dead show " in res.stdout, res.stdout
+    # an older version arriving late is ignored, and --wait says so
+    late = tmp_path / "late.jsonl"
+    late.write_text(json.dumps(add(ns, "sku-0152", 1, 2, seed=1)) + "\n")
+    res = cardigan(ns.env, "publish", "--wait", "120", str(late), timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "line 1: add sku-0152 v1: stale (an equal or newer version was already recorded: ignored)" in res.stdout, res.stdout
 
     def last_outcome() -> dict | None:
         raw = ns.state().get(f"cardigan:outcome:{ns.settings.collection}:sku-0152")
         return json.loads(raw) if raw else None
 
-    wait_until(lambda: (last_outcome() or {}).get("version") == 1, 120, "the stale event's outcome")
     res = cardigan(ns.env, "events", "show", "sku-0152")
     assert res.returncode == 0, res.stderr
     out = res.stdout
@@ -168,6 +178,8 @@ def test_events_show_similar_hint_and_status_plural(ns: Namespace) -> None:
     assert f"alias {ns.settings.collection}" in res.stderr and "cardigan: state redis://" in res.stderr
     rep = json.loads(cardigan(ns.env, "events", "show", "sku-0152", "--json").stdout)
     assert rep["vectors"]["count"] == 1 and rep["last_outcome"]["outcome"] == "stale" and rep["dead_letters"] == []
+    dead9 = json.loads(cardigan(ns.env, "events", "show", "sku-9", "--json").stdout)
+    assert dead9["vectors"]["count"] == 0 and [d["kind"] for d in dead9["dead_letters"]] == ["missing_image"]
 
     # status says "1 vector", not "1 vectors"
     st = cardigan(ns.env, "status", "--no-inspect")
