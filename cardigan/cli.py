@@ -73,7 +73,9 @@ def publish(
         with path.open(encoding="utf-8", errors="replace") as f:
             lines = list(read_json_lines(f))
     show = len(lines) > 200 and not as_json
-    with talking_to(settings, broker=True), _progress() as prog:
+    with talking_to(settings, broker=True, check=False), _progress() as prog:
+        if any(_valid(pub, raw) for _, raw in lines):  # stops at the first valid line
+            check_broker(settings)  # nothing valid: the rejections need no broker
         task = prog.add_task("publishing", total=len(lines), visible=show)
         report = pub.publish_many(lines, on_progress=lambda n: prog.advance(task, n))
     if as_json:
@@ -93,6 +95,16 @@ def publish(
             typer.echo(line, err=as_json)  # stdout stays one JSON document with --json
         failed = failed or any(": dead: " in x or ": no outcome within " in x for x in outcomes)
     raise typer.Exit(1 if failed else 0)
+
+
+def _valid(pub: Any, raw: Any) -> bool:
+    from cardigan.errors import InvalidEvent
+
+    try:
+        pub.validate(raw)
+        return True
+    except InvalidEvent:
+        return False
 
 
 # -- worker -----------------------------------------------------------------------------
