@@ -63,6 +63,13 @@ class DeadLetters:
             return []
         return [DeadLetter(**json.loads(v)) for v in self._r.hmget(_HASH, ids) if v]
 
+    def since(self, t: float, limit: int = 1000) -> list[DeadLetter]:
+        """Dead letters recorded at or after ``t`` (epoch seconds), oldest first."""
+        ids = self._r.zrangebyscore(_INDEX, t, "+inf", start=0, num=limit)
+        if not ids:
+            return []
+        return [DeadLetter(**json.loads(v)) for v in self._r.hmget(_HASH, ids) if v]
+
     def get(self, id_: str) -> DeadLetter | None:
         v = self._r.hget(_HASH, id_)
         return DeadLetter(**json.loads(v)) if v else None

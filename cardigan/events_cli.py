@@ -67,10 +67,11 @@ def wait_for_outcomes(r: Any, alias: str, sent: list[Any], timeout_s: float, int
 
     done: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
+    since = time.time() - 600  # dead letters of these events are newer (generous for clock skew)
     while True:
         open_ = [i for i in range(len(sent)) if i not in done]
         raws = r.mget([OUTCOME_KEY.format(alias=alias, product_id=sent[i].product_id) for i in open_]) if open_ else []
-        dead = {d.task_id: d for d in DeadLetters(r).list(1000)} if open_ else {}
+        dead = {d.task_id: d for d in DeadLetters(r).since(since)} if open_ else {}
         for i, raw in zip(open_, raws, strict=True):
             ev, head = sent[i], f"line {sent[i].line}: {sent[i].type} {sent[i].product_id} v{sent[i].version}"
             if ev.task_id in dead:
@@ -83,14 +84,22 @@ def wait_for_outcomes(r: Any, alias: str, sent: list[Any], timeout_s: float, int
             if last["version"] == ev.version and last["type"] == ev.type:
                 n = last.get("vectors", 0)
                 done[i] = f"{head}: {last['outcome']}" + (
-                    " (an equal or newer version was already recorded: ignored)" if last["outcome"] == "stale" else f" ({n} vector{'' if n == 1 else 's'})"
+                    " (an equal or newer version was already recorded: ignored)"
+                    if last["outcome"] == "stale"
+                    else f" ({n} vector{'' if n == 1 else 's'})"
                 )
             elif last["version"] > ev.version:
                 done[i] = f"{head}: superseded (v{last['version']} of it was processed since)"
         if len(done) == len(sent) or time.monotonic() > deadline:
             break
         time.sleep(interval_s)
-    return [done.get(i, f"line {e.line}: {e.type} {e.product_id} v{e.version}: no outcome within {timeout_s:.0f} s (is a worker running? `cardigan status`)") for i, e in enumerate(sent)]
+    return [
+        done.get(
+            i,
+            f"line {e.line}: {e.type} {e.product_id} v{e.version}: no outcome within {timeout_s:.0f} s (is a worker running? `cardigan status`)",
+        )
+        for i, e in enumerate(sent)
+    ]
 
 
 def _lines(rep: dict[str, Any], ttl_s: int) -> list[str]:
@@ -116,7 +125,9 @@ def _lines(rep: dict[str, Any], ttl_s: int) -> list[str]:
         out.append(f"last event: none recorded in the last {ttl_s} s")
     for d in rep["dead_letters"]:
         ev = d["event"] if isinstance(d["event"], dict) else {}
-        out.append(f"dead letter {d['id']}: {ev.get('type', '?')} v{ev.get('version', '?')} {d['kind']}: {d['reason']} (`cardigan dead show {d['id']}`)")
+        out.append(
+            f"dead letter {d['id']}: {ev.get('type', '?')} v{ev.get('version', '?')} {d['kind']}: {d['reason']} (`cardigan dead show {d['id']}`)"
+        )
     return out
 
 
@@ -135,7 +146,9 @@ def show(
         typer.echo(f"configuration error: {e}", err=True)
         raise typer.Exit(2) from None
     if len(product_id) > s.limits.max_product_id_len or not PRODUCT_ID_RE.match(product_id):
-        typer.echo(f"error: not a valid product id: {product_id!r} (letters, digits and . _ : -, at most {s.limits.max_product_id_len})", err=True)
+        typer.echo(
+            f"error: not a valid product id: {product_id!r} (letters, digits and . _ : -, at most {s.limits.max_product_id_len})", err=True
+        )
         raise typer.Exit(1)
     with talking_to(s, state=True, milvus=True):
         rep = product_report(s, product_id)

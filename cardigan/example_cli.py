@@ -70,7 +70,10 @@ def example_catalog(
             s3.create_bucket(Bucket=s.bucket)
         n = upload(items, s3, s.bucket, prefix=prefix)
     except (BotoCoreError, ClientError) as e:
-        typer.echo(f"cardigan: cannot upload to s3 {endpoint} bucket {s.bucket} ({' '.join(str(e).split())}); {FIX}, or set CARDIGAN_S3_ENDPOINT_URL and the AWS_* keys", err=True)
+        typer.echo(
+            f"cardigan: cannot upload to s3 {endpoint} bucket {s.bucket} ({' '.join(str(e).split())}); {FIX}, or set CARDIGAN_S3_ENDPOINT_URL and the AWS_* keys",
+            err=True,
+        )
         raise typer.Exit(2) from None
     text = "".join(json.dumps(ev) + "\n" for ev in events)
     if out == "-":
@@ -81,7 +84,9 @@ def example_catalog(
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text)
         dest = out
-    typer.echo(f"uploaded {n} photos of {len(items)} products to s3://{s.bucket}/{prefix}/; wrote {len(events)} add events to {dest}", err=True)
+    typer.echo(
+        f"uploaded {n} photos of {len(items)} products to s3://{s.bucket}/{prefix}/; wrote {len(events)} add events to {dest}", err=True
+    )
     typer.echo(f"next: cardigan publish {out if out != '-' else 'FILE'}, then `cardigan events show {items[0].product_id}`", err=True)
 
 

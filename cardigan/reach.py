@@ -69,7 +69,9 @@ def check_broker(settings: Settings, *, attempts: int = 1, interval_s: float = 1
     app = create_app(settings)
     try:
         with app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=max(0, attempts - 1), interval_start=interval_s, interval_step=interval_s, interval_max=interval_s, timeout=5)
+            conn.ensure_connection(
+                max_retries=max(0, attempts - 1), interval_start=interval_s, interval_step=interval_s, interval_max=interval_s, timeout=5
+            )
     except Exception as e:  # noqa: BLE001 - kombu wraps redis/amqp/socket errors differently
         raise Unreachable("broker", redact_url(settings.broker_url), _one_line(e), "CARDIGAN_BROKER_URL") from e
 
@@ -105,7 +107,9 @@ def _as_unreachable(e: BaseException, settings: Settings) -> Unreachable | None:
     if isinstance(e, Unreachable):
         return e
     if isinstance(e, IndexUnavailable):
-        return Unreachable("Milvus server", redact_url(settings.milvus_uri), _one_line(e).split(" unreachable: ", 1)[-1], "CARDIGAN_MILVUS_URI")
+        return Unreachable(
+            "Milvus server", redact_url(settings.milvus_uri), _one_line(e).split(" unreachable: ", 1)[-1], "CARDIGAN_MILVUS_URI"
+        )
     if isinstance(e, (redis.ConnectionError, redis.TimeoutError, StateUnavailable)):
         try:
             url = redact_url(settings.effective_state_url)
@@ -118,7 +122,15 @@ def _as_unreachable(e: BaseException, settings: Settings) -> Unreachable | None:
 
 
 @contextmanager
-def talking_to(settings: Settings, *, broker: bool = False, queues: list[str] | None = None, state: bool = False, milvus: bool = False, check: bool = True) -> Iterator[None]:
+def talking_to(
+    settings: Settings,
+    *,
+    broker: bool = False,
+    queues: list[str] | None = None,
+    state: bool = False,
+    milvus: bool = False,
+    check: bool = True,
+) -> Iterator[None]:
     """Say where the block talks, check the broker/state first, and exit 2 with the fix if one is down.
 
     Milvus is not pinged here: opening the index fails fast (under a second) with IndexUnavailable,

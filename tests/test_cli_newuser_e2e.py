@@ -34,7 +34,9 @@ def closed_port() -> int:
 
 def cardigan(env: dict[str, str], *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **env, "COLUMNS": "80", "NO_COLOR": "1", "TERM": "dumb"}
-    return subprocess.run([sys.executable, "-m", "cardigan.cli", *args], cwd=ROOT, env=full, input=stdin, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cardigan.cli", *args], cwd=ROOT, env=full, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # -- no stack: one line with the fix, exit 2, never a traceback ---------------------------------
@@ -117,7 +119,13 @@ def _dead(ns: Namespace, id_: str, pid: str) -> None:
     """A dead letter with a chosen id (prefix tests need ids that share a start)."""
     from dataclasses import asdict
 
-    d = DeadLetter(id=id_, reason="images[0].uri: no such object", kind="missing_image", event={"type": "add", "product_id": pid, "version": 1}, field="images[0].uri")
+    d = DeadLetter(
+        id=id_,
+        reason="images[0].uri: no such object",
+        kind="missing_image",
+        event={"type": "add", "product_id": pid, "version": 1},
+        field="images[0].uri",
+    )
     r = ns.state()
     r.hset("cardigan:dead", d.id, json.dumps(asdict(d)))
     r.zadd("cardigan:dead:by_time", {d.id: d.time})
@@ -194,7 +202,9 @@ def test_publish_wait_events_show_similar_hint_and_status_plural(ns: Namespace, 
     ns.publish([{"type": "delete", "product_id": "sku-0152", "version": 3}])
     wait_until(lambda: (last_outcome() or {}).get("version") == 3, 120, "the delete's outcome")
     out = cardigan(ns.env, "events", "show", "sku-0152").stdout
-    assert "recorded version: v3, deleted (tombstone)" in out and "vectors: 0 vectors" in out and "last event: delete v3 applied" in out, out
+    assert "recorded version: v3, deleted (tombstone)" in out and "vectors: 0 vectors" in out and "last event: delete v3 applied" in out, (
+        out
+    )
     # an id that could never be valid is refused before any server is asked
     bad = cardigan(ns.env, "events", "show", 'x" or 1==1')
     assert bad.returncode == 1 and "not a valid product id" in bad.stderr
@@ -226,6 +236,13 @@ def test_example_catalog_uploads_photos_and_writes_publishable_events(ns: Namesp
     assert pub.returncode == 0 and "published 3, rejected 0" in pub.stdout, pub.stderr
     converge(ns, {e["product_id"]: Expected(1, len(e["images"])) for e in events})
     # an S3 that does not answer: one line, exit 2
-    down = cardigan({**env, "CARDIGAN_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}"}, "example-catalog", "-n", "1", "--out", str(tmp_path / "x.jsonl"))
+    down = cardigan(
+        {**env, "CARDIGAN_S3_ENDPOINT_URL": f"http://127.0.0.1:{closed_port()}"},
+        "example-catalog",
+        "-n",
+        "1",
+        "--out",
+        str(tmp_path / "x.jsonl"),
+    )
     assert down.returncode == 2 and "cannot upload to s3 http://127.0.0.1:" in down.stderr and "Traceback" not in down.stderr, down.stderr
     assert not (tmp_path / "x.jsonl").exists()
