@@ -17,6 +17,15 @@ import redis
 
 _HASH = "cardigan:dead"
 _INDEX = "cardigan:dead:by_time"
+_ID_CHARS = frozenset("0123456789abcdef")  # ids are uuid4 hex: no glob characters reach HSCAN
+
+
+class AmbiguousId(ValueError):
+    """A prefix that starts more than one dead letter's id."""
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        super().__init__(f"{prefix!r} starts {len(matches)} ids")
+        self.matches = matches
 
 
 @dataclass
@@ -54,9 +63,31 @@ class DeadLetters:
             return []
         return [DeadLetter(**json.loads(v)) for v in self._r.hmget(_HASH, ids) if v]
 
+    def since(self, t: float, limit: int = 1000) -> list[DeadLetter]:
+        """Dead letters recorded at or after ``t`` (epoch seconds), oldest first."""
+        ids = self._r.zrangebyscore(_INDEX, t, "+inf", start=0, num=limit)
+        if not ids:
+            return []
+        return [DeadLetter(**json.loads(v)) for v in self._r.hmget(_HASH, ids) if v]
+
     def get(self, id_: str) -> DeadLetter | None:
         v = self._r.hget(_HASH, id_)
         return DeadLetter(**json.loads(v)) if v else None
+
+    def resolve(self, given: str) -> str | None:
+        """The full id for an id or a unique prefix of one (as git takes commit ids), else None.
+
+        Raises AmbiguousId naming the matches (at most 10). A prefix scans the hash (HSCAN,
+        never blocking the server); dead letters are few, an operator's backlog."""
+        if self._r.hexists(_HASH, given):
+            return given
+        prefix = given.lower()
+        if not prefix or not set(prefix) <= _ID_CHARS:
+            return None
+        matches = sorted({str(k) for k, _ in self._r.hscan_iter(_HASH, match=f"{prefix}*", count=1000)})
+        if len(matches) > 1:
+            raise AmbiguousId(given, matches[:10])
+        return matches[0] if matches else None
 
     def remove(self, ids: list[str]) -> int:
         if not ids:

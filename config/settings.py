@@ -62,6 +62,9 @@ class WorkerSettings(BaseModel):
     max_deliveries: int = Field(3, ge=1)  # deliveries that killed a worker before a dead letter
     lock_ttl_ms: int = Field(30_000, ge=1000)  # per-product write lock
     fetch_threads: int = Field(8, ge=1)
+    # how long a product's last outcome stays readable by `cardigan events show` (0: not kept);
+    # one small key per product changed in that window
+    outcome_ttl_s: int = Field(3600, ge=0)
 
 
 class Settings(BaseSettings):

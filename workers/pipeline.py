@@ -28,7 +28,7 @@ from cardigan.index import Index
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
-from workers.writer import IndexWriter, Outcome, WriteOp
+from workers.writer import OUTCOME_KEY, IndexWriter, Outcome, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +117,25 @@ class Pipeline:
         ev = parse_event(raw, max_images=lim.max_images, max_id_len=lim.max_product_id_len)
         if ev.type != "delete" and self._already_newer(ev, collection):
             # cheap early exit for duplicates and late arrivals; the guard re-checks at write
-            return Result(ev.product_id, ev.version, ev.type, "stale", 0)
+            return self._recorded(Result(ev.product_id, ev.version, ev.type, "stale", 0), collection)
         if ev.type == "delete":
             op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms, collection=collection)
         else:
             op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms, collection=collection)
         outcome = self.write_batcher.submit(op).result()
-        return Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows))
+        return self._recorded(Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows)), collection)
+
+    def _recorded(self, res: Result, collection: str | None) -> Result:
+        """Keep a live event's outcome for ``cardigan events show`` (one key per product, with a
+        TTL so the state store stays bounded; best effort: the index is the truth)."""
+        ttl = self.settings.worker.outcome_ttl_s
+        if collection is None and ttl > 0:
+            doc = {"version": res.version, "type": res.type, "outcome": res.outcome, "vectors": res.images, "time": time.time()}
+            try:
+                self.state.set(OUTCOME_KEY.format(alias=self.settings.collection, product_id=res.product_id), json.dumps(doc), ex=ttl)
+            except redis.RedisError:
+                log.debug("outcome not recorded", exc_info=True)
+        return res
 
     def _already_newer(self, ev: Event, collection: str | None = None) -> bool:
         targets = [collection] if collection else self.writer.targets()

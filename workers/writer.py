@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 Outcome = Literal["applied", "stale"]
 FRESHNESS_KEY = "cardigan:freshness_ms"
 TARGETS_KEY = "cardigan:write_targets:{alias}"
+# The last outcome of each product's live event (applied / stale), kept worker.outcome_ttl_s
+# seconds (workers/pipeline.py writes it, `cardigan events show` reads it)
+OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"
 
 
 @dataclass
