@@ -48,7 +48,7 @@ class LimitSettings(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1)
     # Decoded size, in bytes, counting the pixel mode: a 40 Mpx float TIFF of 0.2 MB decodes
     # to ~1.9 GB on its way to RGB, an RGB picture of the same size to 160 MB.
-    max_decode_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    max_decode_bytes: int = Field(512 * 1024 * 1024, ge=1)
     fetch_deadline_s: float = Field(60.0, gt=0)  # one image's whole S3 GET, not just each read
     max_images: int = Field(8, ge=1, le=64)  # K: a product's keys are id#0 .. id#K-1
     max_product_id_len: int = Field(128, ge=1, le=256)

@@ -14,13 +14,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
 import torch
 
 from cardigan.crop import preprocess
+from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.fetch import Fetcher, make_s3_client
 from cardigan.guard import VersionGuard, make_redis
@@ -65,6 +66,8 @@ class Pipeline:
             max_bytes=s.limits.max_image_bytes,
             local_root=s.local_root,
             max_pool=s.worker.fetch_threads + s.worker.concurrency,
+            buckets=s.allowed_buckets,
+            deadline_s=s.limits.fetch_deadline_s,
         )
         self.encoder = encoder or build_encoder(s.encoder)
         self.encoder.load()
@@ -73,7 +76,7 @@ class Pipeline:
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
         ).start()
-        self.write_batcher: MicroBatcher[WriteOp, Outcome] = MicroBatcher(
+        self.write_batcher: MicroBatcher[WriteOp, Outcome | IndexRejected] = MicroBatcher(
             self.writer.write_batch, max_items=s.worker.write_batch_size, max_wait_s=s.worker.write_wait_ms / 1000, name="write", isolate_failures=False
         ).start()
         self._stats_key = STATS_KEY.format(alias=s.collection)
@@ -122,7 +125,8 @@ class Pipeline:
             op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms, collection=collection)
         else:
             op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms, collection=collection)
-        outcome = self.write_batcher.submit(op).result()
+        # the batcher raises an IndexRejected result (Milvus refused this op's rows alone)
+        outcome = cast(Outcome, self.write_batcher.submit(op).result())
         return Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows))
 
     def _already_newer(self, ev: Event, collection: str | None = None) -> bool:
@@ -134,7 +138,12 @@ class Pipeline:
         field = f"images[{i}]"
         data = self.fetcher.fetch(img.uri, field=f"{field}.uri")
         tensor, _method = preprocess(
-            data, img.bbox, size=self.settings.encoder.image_size, max_pixels=self.settings.limits.max_image_pixels, field_prefix=field
+            data,
+            img.bbox,
+            size=self.settings.encoder.image_size,
+            max_pixels=self.settings.limits.max_image_pixels,
+            max_bytes=self.settings.limits.max_decode_bytes,
+            field_prefix=field,
         )
         return tensor
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import redis
 
+from cardigan.errors import IndexRejected
 from cardigan.event import primary_key
 from cardigan.guard import VersionGuard
 from cardigan.index import Index
@@ -69,31 +70,58 @@ class IndexWriter:
         extra = sorted(self._state.smembers(self._targets_key))  # type: ignore[arg-type]
         return extra or [self._live]
 
-    def write_batch(self, ops: list[WriteOp]) -> list[Outcome]:
+    def write_batch(self, ops: list[WriteOp]) -> list[Outcome | IndexRejected]:
+        """Each op's outcome; an op whose rows Milvus refuses gets its own IndexRejected, and
+        the other ops of the batch are written without it."""
         targets = self.targets()
         by_collection: dict[str, list[WriteOp]] = {}
         for op in ops:
             for collection in [op.collection] if op.collection else targets:
                 by_collection.setdefault(collection, []).append(op)
         applied_any: set[int] = set()
+        rejected: dict[int, IndexRejected] = {}
         for collection in sorted(by_collection):
-            applied = self._write_one(collection, _newest(by_collection[collection]))
+            applied, refused = self._write_one(collection, _newest(by_collection[collection]))
             applied_any |= {id(op) for op in applied}
-        self._record_freshness([op for op in ops if id(op) in applied_any])
-        return ["applied" if id(op) in applied_any else "stale" for op in ops]
+            rejected.update(refused)
+        self._record_freshness([op for op in ops if id(op) in applied_any and id(op) not in rejected])
+        return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
-    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> list[WriteOp]:
+    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> tuple[list[WriteOp], dict[int, IndexRejected]]:
         with self._guard.locked(collection, newest):
             current = self._guard.versions(collection, list(newest))
             todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
             if not todo:
-                return []
-            rows = [r for op in todo if op.kind == "upsert" for r in op.rows]
-            dels = [k for op in todo for k in op.delete_keys(self._max_images)]
+                return [], {}
+            applied: list[WriteOp] = []
+            rejected: dict[int, IndexRejected] = {}
+            try:
+                self._apply(collection, todo, applied, rejected)
+            finally:  # what landed is recorded even when a later part failed transiently
+                self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in applied})
+            return applied, rejected
+
+    def _apply(self, collection: str, ops: list[WriteOp], applied: list[WriteOp], rejected: dict[int, IndexRejected]) -> None:
+        """Write ``ops``; if Milvus refuses the data, bisect so only the refused ops fail.
+
+        One bad row fails the whole call it is in; halving finds it in log2(n) extra calls per
+        bad op, instead of n single-row calls. Transient errors are raised, not split.
+        """
+        rows = [r for op in ops if op.kind == "upsert" for r in op.rows]
+        dels = [k for op in ops for k in op.delete_keys(self._max_images)]
+        try:
             self._index.upsert(collection, rows)
             self._index.delete(collection, dels)
-            self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in todo})
-            return todo
+        except IndexRejected as e:
+            if len(ops) == 1:
+                log.warning("Milvus refused %s v%d: %s", ops[0].product_id, ops[0].version, e.reason)
+                rejected[id(ops[0])] = IndexRejected(f"product {ops[0].product_id} v{ops[0].version}: {e.reason}")
+                return
+            mid = len(ops) // 2
+            self._apply(collection, ops[:mid], applied, rejected)
+            self._apply(collection, ops[mid:], applied, rejected)
+            return
+        applied.extend(ops)
 
     def _record_freshness(self, ops: list[WriteOp]) -> None:
         now = int(time.time() * 1000)
