@@ -26,6 +26,7 @@ from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.fetch import Fetcher, make_s3_client
 from cardigan.guard import VersionGuard, make_redis
 from cardigan.index import Index
+from cardigan.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
@@ -71,7 +72,14 @@ class Pipeline:
         )
         self.encoder = encoder or build_encoder(s.encoder)
         self.encoder.load()
-        self.writer = IndexWriter(self.index, self.guard, self.state, max_images=s.limits.max_images, live=self.live)
+        self.writer = IndexWriter(
+            self.index,
+            self.guard,
+            self.state,
+            max_images=s.limits.max_images,
+            live=self.live,
+            tombstones=Tombstones(self.state, retention_s=s.worker.tombstone_retention_s),
+        )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"

@@ -18,12 +18,14 @@ from cardigan.errors import IndexRejected
 from cardigan.event import primary_key
 from cardigan.guard import VersionGuard
 from cardigan.index import Index
+from cardigan.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["applied", "stale"]
 FRESHNESS_KEY = "cardigan:freshness_ms"
 TARGETS_KEY = "cardigan:write_targets:{alias}"
+TOMBSTONE_SWEEP_S = 60.0
 
 
 @dataclass
@@ -57,13 +59,17 @@ def _newest(ops: list[WriteOp]) -> dict[str, WriteOp]:
 class IndexWriter:
     """Applies batches of WriteOps to every write target (the live collection, plus a reindex's)."""
 
-    def __init__(self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str) -> None:
+    def __init__(
+        self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str, tombstones: Tombstones | None = None
+    ) -> None:
         self._index = index
         self._guard = guard
         self._state = state
         self._max_images = max_images
         self._live = live
         self._targets_key = TARGETS_KEY.format(alias=index.alias)
+        self._tombstones = tombstones
+        self._swept_at = 0.0
 
     def targets(self) -> list[str]:
         """A reindex lists its collections here; otherwise the live one (read every batch)."""
@@ -85,6 +91,7 @@ class IndexWriter:
             applied_any |= {id(op) for op in applied}
             rejected.update(refused)
         self._record_freshness([op for op in ops if id(op) in applied_any and id(op) not in rejected])
+        self._sweep_tombstones(sorted(by_collection))
         return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
     def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> tuple[list[WriteOp], dict[int, IndexRejected]]:
@@ -98,7 +105,9 @@ class IndexWriter:
             try:
                 self._apply(collection, todo, applied, rejected)
             finally:  # what landed is recorded even when a later part failed transiently
-                self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in applied})
+                recorded = {op.product_id: (op.version, op.kind) for op in applied}
+                self._guard.record(collection, recorded)
+                self._note_tombstones(collection, recorded)
             return applied, rejected
 
     def _apply(self, collection: str, ops: list[WriteOp], applied: list[WriteOp], rejected: dict[int, IndexRejected]) -> None:
@@ -122,6 +131,28 @@ class IndexWriter:
             self._apply(collection, ops[mid:], applied, rejected)
             return
         applied.extend(ops)
+
+    def _note_tombstones(self, collection: str, recorded: dict[str, tuple[int, str]]) -> None:
+        if self._tombstones is None or not recorded:
+            return
+        try:
+            self._tombstones.note(collection, recorded)
+        except redis.RedisError:  # not noted: that tombstone is kept for ever, which is safe
+            log.debug("tombstone times not noted", exc_info=True)
+
+    def _sweep_tombstones(self, collections: list[str]) -> None:
+        """At most once a minute per process: cheap, and enough to keep Redis bounded."""
+        if self._tombstones is None or time.monotonic() - self._swept_at < TOMBSTONE_SWEEP_S:
+            return
+        self._swept_at = time.monotonic()
+        for c in collections:
+            try:
+                n = self._tombstones.sweep(c)
+            except redis.RedisError:
+                log.debug("tombstone sweep skipped", exc_info=True)
+                return
+            if n:
+                log.info("swept %d expired tombstones in %s", n, c)
 
     def _record_freshness(self, ops: list[WriteOp]) -> None:
         now = int(time.time() * 1000)
