@@ -141,10 +141,10 @@ def start(settings: Settings, nodename: str = "") -> int | None:
         if port in _started:
             return port
         try:
-            start_http_server(port)
+            start_http_server(port, addr=settings.metrics_host)
         except OSError as e:
             log.error("metrics endpoint not started: port %d: %s (set CARDIGAN_METRICS_PORT to a free port, or 0)", port, e)
             return None
         _started.add(port)
-    log.info("Prometheus metrics on :%d/metrics", port)
+    log.info("Prometheus metrics on %s:%d/metrics", settings.metrics_host, port)
     return port
