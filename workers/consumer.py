@@ -161,7 +161,7 @@ class Consumer(CeleryConsumer):
         name, task_id = headers.get("task"), headers.get("id")
         protocol_1 = name is None
         if name is not None and not self._runnable(name):
-            return self._unknown(name), None
+            return self._unknown(name), body_repr(message)  # kept raw: never decoded for a task we do not run
         try:
             payload = message.payload  # kombu refuses any content type not in accept_content
         except Exception as exc:  # noqa: BLE001 - every decode failure is a dead letter
@@ -243,8 +243,12 @@ class Consumer(CeleryConsumer):
 
         delivery = message.delivery_info if isinstance(message.delivery_info, dict) else {}
         task_id = _headers(message).get("id")
-        if task_id is None and isinstance(event, dict):  # protocol 1: the id is in the (JSON) body
-            task_id = event.get("id")
+        if task_id is None:  # protocol 1: the id is in the (JSON) body
+            try:
+                payload = message.payload  # decoded already, or refused (never unpickled)
+            except Exception:  # noqa: BLE001 - undecodable: no id to read
+                payload = None
+            task_id = (payload if isinstance(payload, dict) else event if isinstance(event, dict) else {}).get("id")
         task_id = task_id if isinstance(task_id, str) else None
         try:
             dl = runtime.dead_letters().add(
