@@ -263,7 +263,11 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
         f = st["in_flight"]
         t.add_row("workers online", ", ".join(f["workers"]) or "none")
         t.add_row("in flight", f"{f['active']} active, {f['reserved']} prefetched, {f['scheduled']} waiting to retry")
-    t.add_row("dead letters", str(st["dead_letters"]))
+    t.add_row("dead letters", str(st["dead_letters"]) + (f" ({st['dead_letters_dropped']} dropped by cap/retention)" if st.get("dead_letters_dropped") else ""))
+    if mem := st.get("redis_memory"):
+        from cardigan.status import format_memory
+
+        t.add_row("redis memory", format_memory(mem))
     t.add_row("alias", f"{st['alias']} -> {st['live_collection']}")
     t.add_row("write targets", ", ".join(st["write_targets"]))
     if rx := st.get("reindex"):

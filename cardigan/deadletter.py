@@ -2,6 +2,11 @@
 
 Stored in the state Redis (a hash of JSON records plus a time index) so every worker writes
 to one place and ``cardigan dead list|show|replay|purge`` reads it.
+
+Bounded, because that Redis is a ``noeviction`` server shared with the broker: each add drops
+records older than the retention and the oldest beyond the cap, counts what it dropped (in
+``cardigan:dead:dropped``, and for the worker's metrics), and keeps at most MAX_EVENT_BYTES of
+each event.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from dataclasses import field as dc_field
 from typing import Any
@@ -26,6 +32,10 @@ class AmbiguousId(ValueError):
     def __init__(self, prefix: str, matches: list[str]) -> None:
         super().__init__(f"{prefix!r} starts {len(matches)} ids")
         self.matches = matches
+_DROPPED = "cardigan:dead:dropped"
+MAX_EVENT_BYTES = 64 * 1024  # an event bigger than this is kept as a capped repr
+DEFAULT_MAX = 100_000
+DEFAULT_RETENTION_S = 30 * 24 * 3600
 
 
 @dataclass
@@ -46,8 +56,18 @@ class DeadLetter:
 
 
 class DeadLetters:
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(
+        self,
+        r: redis.Redis,
+        *,
+        max_letters: int = DEFAULT_MAX,
+        retention_s: float = DEFAULT_RETENTION_S,
+        on_drop: Callable[[int], None] | None = None,
+    ) -> None:
         self._r = r
+        self._max = max_letters
+        self._retention = retention_s
+        self._on_drop = on_drop
 
     def add(self, *, reason: str, kind: str, event: Any, field: str | None = None, attempts: int = 1, task_id: str | None = None, queue: str | None = None) -> DeadLetter:
         dl = DeadLetter(id=uuid.uuid4().hex[:12], reason=reason, kind=kind, event=_jsonable(event), field=field, attempts=attempts, task_id=task_id, queue=queue)
@@ -55,7 +75,30 @@ class DeadLetters:
         pipe.hset(_HASH, dl.id, json.dumps(asdict(dl)))
         pipe.zadd(_INDEX, {dl.id: dl.time})
         pipe.execute()
+        self.trim(now=dl.time)
         return dl
+
+    def trim(self, now: float | None = None) -> int:
+        """Drop letters older than the retention, then the oldest beyond the cap; count them."""
+        now = time.time() if now is None else now
+        old = self._r.zrangebyscore(_INDEX, "-inf", now - self._retention, start=0, num=1000)
+        excess = int(self._r.zcard(_INDEX)) - len(old) - self._max
+        if excess > 0:
+            old += [i for i in self._r.zrange(_INDEX, 0, excess + len(old) - 1) if i not in set(old)][:excess]
+        if not old:
+            return 0
+        pipe = self._r.pipeline(transaction=True)
+        pipe.hdel(_HASH, *old)
+        pipe.zrem(_INDEX, *old)
+        pipe.incrby(_DROPPED, len(old))
+        dropped = int(pipe.execute()[1])
+        if dropped and self._on_drop is not None:
+            self._on_drop(dropped)
+        return dropped
+
+    def dropped(self) -> int:
+        """Letters dropped by the cap or the retention, ever (reset by ``purge``)."""
+        return int(self._r.get(_DROPPED) or 0)
 
     def list(self, limit: int | None = None) -> list[DeadLetter]:
         ids = self._r.zrange(_INDEX, 0, -1 if limit is None else limit - 1)
@@ -99,7 +142,7 @@ class DeadLetters:
 
     def purge(self) -> int:
         n = int(self._r.hlen(_HASH))
-        self._r.delete(_HASH, _INDEX)
+        self._r.delete(_HASH, _INDEX, _DROPPED)
         return n
 
     def count(self) -> int:
@@ -107,14 +150,16 @@ class DeadLetters:
 
 
 def _jsonable(event: Any) -> Any:
-    """Keep what was received, as JSON; bytes that are not text are kept as a repr."""
+    """Keep what was received, as JSON, at most MAX_EVENT_BYTES; else a capped repr."""
     if isinstance(event, bytes):
         try:
             event = event.decode("utf-8")
         except UnicodeDecodeError:
             return repr(event[:4096])
     try:
-        json.dumps(event)
-        return event
+        text = json.dumps(event)
     except (TypeError, ValueError):
         return repr(event)[:4096]
+    if len(text) > MAX_EVENT_BYTES:
+        return text[:MAX_EVENT_BYTES] + "…"  # still shows what it was; too big to replay as is
+    return event

@@ -14,17 +14,19 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
 import torch
 
 from cardigan.crop import preprocess
+from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.fetch import Fetcher, make_s3_client
 from cardigan.guard import VersionGuard, make_redis
 from cardigan.index import Index
+from cardigan.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
@@ -65,15 +67,24 @@ class Pipeline:
             max_bytes=s.limits.max_image_bytes,
             local_root=s.local_root,
             max_pool=s.worker.fetch_threads + s.worker.concurrency,
+            buckets=s.allowed_buckets,
+            deadline_s=s.limits.fetch_deadline_s,
         )
         self.encoder = encoder or build_encoder(s.encoder)
         self.encoder.load()
-        self.writer = IndexWriter(self.index, self.guard, self.state, max_images=s.limits.max_images, live=self.live)
+        self.writer = IndexWriter(
+            self.index,
+            self.guard,
+            self.state,
+            max_images=s.limits.max_images,
+            live=self.live,
+            tombstones=Tombstones(self.state, retention_s=s.worker.tombstone_retention_s),
+        )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
         ).start()
-        self.write_batcher: MicroBatcher[WriteOp, Outcome] = MicroBatcher(
+        self.write_batcher: MicroBatcher[WriteOp, Outcome | IndexRejected] = MicroBatcher(
             self.writer.write_batch, max_items=s.worker.write_batch_size, max_wait_s=s.worker.write_wait_ms / 1000, name="write", isolate_failures=False
         ).start()
         self._stats_key = STATS_KEY.format(alias=s.collection)
@@ -122,7 +133,8 @@ class Pipeline:
             op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms, collection=collection)
         else:
             op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms, collection=collection)
-        outcome = self.write_batcher.submit(op).result()
+        # the batcher raises an IndexRejected result (Milvus refused this op's rows alone)
+        outcome = cast(Outcome, self.write_batcher.submit(op).result())
         return self._recorded(Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows)), collection)
 
     def _recorded(self, res: Result, collection: str | None) -> Result:
@@ -146,7 +158,12 @@ class Pipeline:
         field = f"images[{i}]"
         data = self.fetcher.fetch(img.uri, field=f"{field}.uri")
         tensor, _method = preprocess(
-            data, img.bbox, size=self.settings.encoder.image_size, max_pixels=self.settings.limits.max_image_pixels, field_prefix=field
+            data,
+            img.bbox,
+            size=self.settings.encoder.image_size,
+            max_pixels=self.settings.limits.max_image_pixels,
+            max_bytes=self.settings.limits.max_decode_bytes,
+            field_prefix=field,
         )
         return tensor
 

@@ -14,9 +14,11 @@ from typing import Any, Literal
 
 import redis
 
+from cardigan.errors import IndexRejected
 from cardigan.event import primary_key
 from cardigan.guard import VersionGuard
 from cardigan.index import Index
+from cardigan.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ TARGETS_KEY = "cardigan:write_targets:{alias}"
 # The last outcome of each product's live event (applied / stale), kept worker.outcome_ttl_s
 # seconds (workers/pipeline.py writes it, `cardigan events show` reads it)
 OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"
+TOMBSTONE_SWEEP_S = 60.0
 
 
 @dataclass
@@ -59,44 +62,100 @@ def _newest(ops: list[WriteOp]) -> dict[str, WriteOp]:
 class IndexWriter:
     """Applies batches of WriteOps to every write target (the live collection, plus a reindex's)."""
 
-    def __init__(self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str) -> None:
+    def __init__(
+        self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str, tombstones: Tombstones | None = None
+    ) -> None:
         self._index = index
         self._guard = guard
         self._state = state
         self._max_images = max_images
         self._live = live
         self._targets_key = TARGETS_KEY.format(alias=index.alias)
+        self._tombstones = tombstones
+        self._swept_at = 0.0
 
     def targets(self) -> list[str]:
         """A reindex lists its collections here; otherwise the live one (read every batch)."""
         extra = sorted(self._state.smembers(self._targets_key))  # type: ignore[arg-type]
         return extra or [self._live]
 
-    def write_batch(self, ops: list[WriteOp]) -> list[Outcome]:
+    def write_batch(self, ops: list[WriteOp]) -> list[Outcome | IndexRejected]:
+        """Each op's outcome; an op whose rows Milvus refuses gets its own IndexRejected, and
+        the other ops of the batch are written without it."""
         targets = self.targets()
         by_collection: dict[str, list[WriteOp]] = {}
         for op in ops:
             for collection in [op.collection] if op.collection else targets:
                 by_collection.setdefault(collection, []).append(op)
         applied_any: set[int] = set()
+        rejected: dict[int, IndexRejected] = {}
         for collection in sorted(by_collection):
-            applied = self._write_one(collection, _newest(by_collection[collection]))
+            applied, refused = self._write_one(collection, _newest(by_collection[collection]))
             applied_any |= {id(op) for op in applied}
-        self._record_freshness([op for op in ops if id(op) in applied_any])
-        return ["applied" if id(op) in applied_any else "stale" for op in ops]
+            rejected.update(refused)
+        self._record_freshness([op for op in ops if id(op) in applied_any and id(op) not in rejected])
+        self._sweep_tombstones(sorted(by_collection))
+        return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
-    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> list[WriteOp]:
+    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> tuple[list[WriteOp], dict[int, IndexRejected]]:
         with self._guard.locked(collection, newest):
             current = self._guard.versions(collection, list(newest))
             todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
             if not todo:
-                return []
-            rows = [r for op in todo if op.kind == "upsert" for r in op.rows]
-            dels = [k for op in todo for k in op.delete_keys(self._max_images)]
+                return [], {}
+            applied: list[WriteOp] = []
+            rejected: dict[int, IndexRejected] = {}
+            try:
+                self._apply(collection, todo, applied, rejected)
+            finally:  # what landed is recorded even when a later part failed transiently
+                recorded = {op.product_id: (op.version, op.kind) for op in applied}
+                self._guard.record(collection, recorded)
+                self._note_tombstones(collection, recorded)
+            return applied, rejected
+
+    def _apply(self, collection: str, ops: list[WriteOp], applied: list[WriteOp], rejected: dict[int, IndexRejected]) -> None:
+        """Write ``ops``; if Milvus refuses the data, bisect so only the refused ops fail.
+
+        One bad row fails the whole call it is in; halving finds it in log2(n) extra calls per
+        bad op, instead of n single-row calls. Transient errors are raised, not split.
+        """
+        rows = [r for op in ops if op.kind == "upsert" for r in op.rows]
+        dels = [k for op in ops for k in op.delete_keys(self._max_images)]
+        try:
             self._index.upsert(collection, rows)
             self._index.delete(collection, dels)
-            self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in todo})
-            return todo
+        except IndexRejected as e:
+            if len(ops) == 1:
+                log.warning("Milvus refused %s v%d: %s", ops[0].product_id, ops[0].version, e.reason)
+                rejected[id(ops[0])] = IndexRejected(f"product {ops[0].product_id} v{ops[0].version}: {e.reason}")
+                return
+            mid = len(ops) // 2
+            self._apply(collection, ops[:mid], applied, rejected)
+            self._apply(collection, ops[mid:], applied, rejected)
+            return
+        applied.extend(ops)
+
+    def _note_tombstones(self, collection: str, recorded: dict[str, tuple[int, str]]) -> None:
+        if self._tombstones is None or not recorded:
+            return
+        try:
+            self._tombstones.note(collection, recorded)
+        except redis.RedisError:  # not noted: that tombstone is kept for ever, which is safe
+            log.debug("tombstone times not noted", exc_info=True)
+
+    def _sweep_tombstones(self, collections: list[str]) -> None:
+        """At most once a minute per process: cheap, and enough to keep Redis bounded."""
+        if self._tombstones is None or time.monotonic() - self._swept_at < TOMBSTONE_SWEEP_S:
+            return
+        self._swept_at = time.monotonic()
+        for c in collections:
+            try:
+                n = self._tombstones.sweep(c)
+            except redis.RedisError:
+                log.debug("tombstone sweep skipped", exc_info=True)
+                return
+            if n:
+                log.info("swept %d expired tombstones in %s", n, c)
 
     def _record_freshness(self, ops: list[WriteOp]) -> None:
         now = int(time.time() * 1000)
