@@ -24,6 +24,10 @@ import redis
 _HASH = "cardigan:dead"
 _INDEX = "cardigan:dead:by_time"
 _ID_CHARS = frozenset("0123456789abcdef")  # ids are uuid4 hex: no glob characters reach HSCAN
+_DROPPED = "cardigan:dead:dropped"
+MAX_EVENT_BYTES = 64 * 1024  # an event bigger than this is kept as a capped repr
+DEFAULT_MAX = 100_000
+DEFAULT_RETENTION_S = 30 * 24 * 3600
 
 
 class AmbiguousId(ValueError):
@@ -32,10 +36,6 @@ class AmbiguousId(ValueError):
     def __init__(self, prefix: str, matches: list[str]) -> None:
         super().__init__(f"{prefix!r} starts {len(matches)} ids")
         self.matches = matches
-_DROPPED = "cardigan:dead:dropped"
-MAX_EVENT_BYTES = 64 * 1024  # an event bigger than this is kept as a capped repr
-DEFAULT_MAX = 100_000
-DEFAULT_RETENTION_S = 30 * 24 * 3600
 
 
 @dataclass
