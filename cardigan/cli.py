@@ -356,6 +356,9 @@ _register_train(app)
 from cardigan.bench import register as _register_bench  # noqa: E402
 
 _register_bench(app)
+from cardigan.serve.cli import register as _register_serve  # noqa: E402
+
+_register_serve(app)
 
 
 def main() -> None:
