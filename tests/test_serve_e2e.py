@@ -236,7 +236,7 @@ def test_token_is_required(sv: Served) -> None:
 
 def in_flight(sv: Served) -> float:
     for line in sv.request("GET", "/metrics").data.decode().splitlines():
-        if line.startswith("cardigan_serve_in_flight "):
+        if line.startswith('cardigan_serve_in_flight{kind="query"} '):
             return float(line.split()[1])
     raise AssertionError("no in-flight gauge")
 

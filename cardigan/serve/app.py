@@ -63,7 +63,7 @@ class Metrics:
             "cardigan_serve_request_seconds", "request latency", ["route"], registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )  # fmt: skip
-        self.in_flight = Gauge("cardigan_serve_in_flight", "API requests being served", registry=r)
+        self.in_flight = Gauge("cardigan_serve_in_flight", "API requests being served, by kind (query or image)", ["kind"], registry=r)
         self.rejected = Counter("cardigan_serve_overloaded", "requests refused with 503 (in-flight bound)", registry=r)
         self.embed_batches = Gauge("cardigan_serve_embed_batches", "forward passes so far", registry=r)
         self.embed_items = Gauge("cardigan_serve_embed_items", "images embedded so far (items / batches = mean batch)", registry=r)
@@ -84,10 +84,12 @@ class Gate:
     def __init__(self, app: ASGIApp, *, token: str, max_in_flight: int, max_body: int, metrics: Metrics) -> None:
         self.app = app
         self.token = token.encode()
-        self.max_in_flight = max_in_flight
         self.max_body = max_body
         self.metrics = metrics
-        self.in_flight = 0
+        # queries and catalog images are bounded apart: a page of 100 thumbnails must not
+        # shut out searches, nor searches the thumbnails. Images are cheaper: 4x the bound.
+        self.in_flight = {"query": 0, "image": 0}
+        self.bounds = {"query": max_in_flight, "image": 4 * max_in_flight}
 
     def _authorised(self, scope: Scope) -> bool:
         if not self.token:
@@ -117,13 +119,14 @@ class Gate:
             await self.app(scope, receive, send)
             return
         route = route_label(path)
-        if self.in_flight >= self.max_in_flight:
+        kind = "image" if route.endswith("/images/{n}") else "query"
+        if self.in_flight[kind] >= self.bounds[kind]:
             self.metrics.rejected.inc()
             self.metrics.requests.labels(route, "503").inc()
             await _error(
                 send,
                 503,
-                f"overloaded: {self.in_flight} requests in flight; retry after {RETRY_AFTER_S}s",
+                f"overloaded: {self.in_flight[kind]} {kind} requests in flight; retry after {RETRY_AFTER_S}s",
                 None,
                 {"retry-after": str(RETRY_AFTER_S)},
             )
@@ -150,14 +153,15 @@ class Gate:
                 status = msg["status"]
             await send(msg)
 
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        self.in_flight[kind] += 1
+        gauge = self.metrics.in_flight.labels(kind)
+        gauge.inc()
         t0 = time.perf_counter()
         try:
             await self.app(scope, limited_receive, send_status)
         finally:
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            self.in_flight[kind] -= 1
+            gauge.dec()
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
             self.metrics.requests.labels(route, str(status)).inc()
 

@@ -35,7 +35,6 @@ function card(hit, onClick) {
   el.dataset.productId = hit.product_id;
   const img = document.createElement("img");
   img.alt = hit.product_id;
-  img.loading = "lazy";
   img.src = hit.image_url || "/v1/products/" + encodeURIComponent(hit.product_id) + "/images/0";
   const meta = document.createElement("div");
   meta.className = "meta";
