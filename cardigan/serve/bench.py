@@ -135,6 +135,7 @@ def run(
     from encoder import build_encoder
     from workers.pipeline import Pipeline
 
+    load_before = os.getloadavg()[0]
     data = Path(tempfile.mkdtemp(prefix="cardigan-bench-search-"))
     stack = Stack(data / "stack", s3="rclone")
     with stack.running() as info:
@@ -223,6 +224,7 @@ def run(
         "image_size": image_size,
         "products": products,
         "cpus": os.cpu_count(),
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: a shared machine shows here
         "forward_only_images_per_s": fwd,
         "forward_only_cpu_ms": fwd_cpu_ms,
         "forward_only_threads": fwd_threads,
