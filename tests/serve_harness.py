@@ -35,7 +35,9 @@ class Served:
     log: Path
     catalog: list[SyntheticProduct]
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
-    http: urllib3.PoolManager = field(default_factory=lambda: urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60)))
+    http: urllib3.PoolManager = field(
+        default_factory=lambda: urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=5, read=60))
+    )
 
     def request(self, method: str, path: str, *, auth: bool = True, **kw: Any) -> urllib3.BaseHTTPResponse:
         headers = dict(kw.pop("headers", {}) or {})
@@ -96,7 +98,10 @@ def served(stack_env: Mapping[str, str], tmp: Path, *, products: int = 12, **env
         "type": "add",
         "product_id": "dup-1",
         "version": 1,
-        "images": [{"uri": image_uri(s.bucket, object_key("catalog", img.key)), **({"bbox": list(img.bbox)} if img.bbox else {})} for img in first.images],
+        "images": [
+            {"uri": image_uri(s.bucket, object_key("catalog", img.key)), **({"bbox": list(img.bbox)} if img.bbox else {})}
+            for img in first.images
+        ],
         "attributes": {"category": first.category},
     }
     events = index_catalog(ns, catalog, [dup])

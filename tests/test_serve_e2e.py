@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -273,7 +274,12 @@ def test_reads_follow_the_alias_across_a_reindex_switch(sv: Served) -> None:
     gone = sv.catalog[5].product_id
     new = f"{sv.ns.settings.collection}_v2"
     idx.create_collection(new)
-    rows = [r for r in idx.iter_rows(fields=["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes", "embedding"])]
+    rows = [
+        r
+        for r in idx.iter_rows(
+            fields=["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes", "embedding"]
+        )
+    ]
     idx.upsert(new, [r for r in rows if r["product_id"] != gone])
     idx.switch_alias(new)
     try:
@@ -295,6 +301,50 @@ def test_reads_follow_the_alias_across_a_reindex_switch(sv: Served) -> None:
 
 def test_serve_refuses_a_public_bind_without_a_token(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT), "CARDIGAN_SERVE__TOKEN": ""}
-    r = subprocess.run([sys.executable, "-m", "cardigan.cli", "serve", "--host", "0.0.0.0", "--port", "0"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "cardigan.cli", "serve", "--host", "0.0.0.0", "--port", "0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert r.returncode == 2, r.stderr.decode()
     assert "CARDIGAN_SERVE__TOKEN" in r.stderr.decode()
+
+
+def test_not_ready_while_milvus_is_unreachable(sv: Served, tmp_path: Path) -> None:
+    """Up (healthz) but not ready (readyz 503 naming Milvus) when Milvus does not answer."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]  # closed again: nothing listens there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **sv.ns.env, "CARDIGAN_MILVUS_URI": f"http://127.0.0.1:{dead_port}", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "serve.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cardigan.cli", "serve", "--port", str(port)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
+    http = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=30))
+    base = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return http.request("GET", base + "/healthz").status == 200
+        except urllib3.exceptions.HTTPError:
+            return False
+
+    try:
+        wait_until(up, 120, "cardigan serve to answer /healthz")
+        r = http.request("GET", base + "/readyz")
+        assert r.status == 503, r.data
+        assert "Milvus" in body(r)["error"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)

@@ -351,10 +351,7 @@ def create_app(settings: Settings, service: SearchService | None = None) -> Fast
         groups, scanned = await svc.duplicate_groups(limit=n)
         shown = await svc.products(sorted({p for g in groups for p in g.products}))
         return {
-            "groups": [
-                {"score": g.score, "products": [hit_json(shown[p]) if p in shown else {"product_id": p} for p in g.products]}
-                for g in groups
-            ],
+            "groups": [{"score": g.score, "products": [_listing(shown.get(p), p) for p in g.products]} for g in groups],
             "threshold": serve.duplicate_threshold,
             "vectors_scanned": scanned,
             "scan_limit": serve.duplicates_scan,
@@ -410,6 +407,13 @@ def create_app(settings: Settings, service: SearchService | None = None) -> Fast
         metrics=metrics,
     )
     return app
+
+
+def _listing(hit: Hit | None, product_id: str) -> dict[str, Any]:
+    """A product in a duplicate group: its image 0 and attributes (no score: the group has one)."""
+    if hit is None:  # deleted since the scan
+        return {"product_id": product_id}
+    return {k: v for k, v in hit_json(hit).items() if k != "score"}
 
 
 def _text(value: Any, field: str) -> str | None:

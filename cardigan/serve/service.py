@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -70,30 +71,40 @@ class SearchService:
         self.searcher: MicroBatcher[SearchItem, list[dict[str, Any]]] | None = None
         self._prep = ThreadPoolExecutor(max(2, settings.worker.fetch_threads // 2), thread_name_prefix="prep")
         self.started_at = 0.0
+        self._connect_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> SearchService:
+        """Load the model (once) and start the batchers; Milvus is connected in the background,
+        so a Milvus that is down at start leaves the service up and ``/readyz`` saying why."""
         s = self.settings
         t0 = time.perf_counter()
         self.encoder.load()
-        self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
         self.fetcher = Fetcher(make_s3_client(s.s3_endpoint_url, s.s3_region), max_bytes=s.limits.max_image_bytes, local_root=s.local_root)
         self.embedder = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="serve-embed"
         ).start()
+        # no wait: a search batch fills by itself while the previous Milvus call runs
         self.searcher = MicroBatcher(
-            self._search, max_items=s.serve.search_batch, max_wait_s=0.002, name="serve-search", isolate_failures=False
+            self._search, max_items=s.serve.search_batch, max_wait_s=0.0, name="serve-search", isolate_failures=False
         ).start()
+        threading.Thread(target=self._connect_quietly, name="milvus-connect", daemon=True).start()
         self.started_at = time.time()
         log.info(
-            "search service ready in %.1fs: model %s on %s, alias %s",
-            time.perf_counter() - t0,
+            "search service: model %s on %s loaded in %.1fs; alias %s",
             self.encoder.model_version,
             self.encoder.device,
+            time.perf_counter() - t0,
             s.collection,
         )
         return self
+
+    def _connect_quietly(self) -> None:
+        try:
+            self._index()
+        except IndexUnavailable as e:
+            log.warning("Milvus not reachable yet (%s); /readyz says so until it is", e.reason)
 
     def close(self) -> None:
         for b in (self.embedder, self.searcher):
@@ -136,8 +147,12 @@ class SearchService:
         return out
 
     def _index(self) -> Index:
+        """The index client, connected on first need (and again after a failed attempt)."""
         if self.index is None:
-            raise IndexUnavailable("the search service is not started")
+            with self._connect_lock:
+                if self.index is None:
+                    s = self.settings
+                    self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
         return self.index
 
     async def _run(self, fn: Any, *args: Any) -> Any:
