@@ -10,7 +10,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +25,7 @@ from tests.harness import ROOT, Namespace, new_namespace, wait_until
 TOKEN = "test-token-7f3a"
 MAX_BYTES = 300_000  # the catalog's photos are < 100 kB; small enough to test the limit cheaply
 MAX_PIXELS = 1_000_000  # the catalog's are at most 640x640
+DUPLICATE_THRESHOLD = 0.99
 
 
 @dataclass
@@ -58,7 +59,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def index_catalog(ns: Namespace, catalog: list[SyntheticProduct], extra: list[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:  # type: ignore[assignment]
+def index_catalog(ns: Namespace, catalog: list[SyntheticProduct], extra: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
     """Upload the photos and index every product through the workers' pipeline, in process."""
     from cardigan.catalog import _event
     from workers.pipeline import Pipeline
@@ -89,6 +90,9 @@ def served(stack_env: Mapping[str, str], tmp: Path, *, products: int = 12, **env
         CARDIGAN_SERVE__MAX_IN_FLIGHT="4",
         CARDIGAN_LIMITS__MAX_IMAGE_BYTES=str(MAX_BYTES),
         CARDIGAN_LIMITS__MAX_IMAGE_PIXELS=str(MAX_PIXELS),
+        # the double listing reuses the photos (score ~1.0); random 64 px features put distinct
+        # products near 0.9, so the default 0.95 would leave a thin margin
+        CARDIGAN_SERVE__DUPLICATE_THRESHOLD=str(DUPLICATE_THRESHOLD),
         **env,
     )
     catalog = generate_catalog(products, seed=3, prefix="sv")

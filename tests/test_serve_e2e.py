@@ -21,7 +21,7 @@ from PIL import Image
 
 from cardigan.catalog import query_photo
 from tests.harness import ROOT, wait_until
-from tests.serve_harness import MAX_BYTES, TOKEN, Served, served
+from tests.serve_harness import DUPLICATE_THRESHOLD, MAX_BYTES, TOKEN, Served, served
 
 pytestmark = pytest.mark.e2e
 
@@ -118,7 +118,7 @@ def test_near_duplicates_of_one_product_and_groups(sv: Served) -> None:
     r = sv.request("GET", "/v1/products/dup-1/duplicates")
     doc = body(r)
     assert r.status == 200 and [h["product_id"] for h in doc["results"]] == [first], doc
-    assert doc["threshold"] == 0.95
+    assert doc["threshold"] == DUPLICATE_THRESHOLD
     r = sv.request("GET", "/v1/duplicates")
     doc = body(r)
     assert r.status == 200
