@@ -140,6 +140,7 @@ def test_health_ready_metrics_and_docs(sv: Served) -> None:
     m = sv.request("GET", "/metrics").data.decode()
     assert 'cardigan_serve_requests_total{route="/v1/search",status="200"}' in m
     assert "cardigan_serve_embed_items" in m
+    assert 'cardigan_serve_thread_cpu_seconds{stage="model"}' in m and 'cardigan_serve_thread_cpu_seconds{stage="http"}' in m
     spec = body(sv.request("GET", "/openapi.json", auth=False))
     assert {"/v1/search", "/v1/products/{pid}/similar", "/v1/duplicates", "/v1/products/{pid}/duplicates", "/readyz"} <= set(spec["paths"])
     assert "multipart/form-data" in spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]

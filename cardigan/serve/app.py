@@ -32,7 +32,7 @@ from starlette.requests import ClientDisconnect
 from cardigan.errors import CardiganError, CorruptImage, ForbiddenURI, ImageTooLarge, MissingImage, TransientError
 from cardigan.query import Hit
 from cardigan.serve.filters import BadRequest, parse_bbox, parse_filter, parse_k, product_id
-from cardigan.serve.service import SearchService
+from cardigan.serve.service import SearchService, thread_cpu
 from config.settings import Settings
 
 STATIC = Path(__file__).parent / "static"
@@ -66,6 +66,7 @@ class Metrics:
         self.in_flight = Gauge("cardigan_serve_in_flight", "API requests being served, by kind (query or image)", ["kind"], registry=r)
         self.rejected = Counter("cardigan_serve_overloaded", "requests refused with 503 (in-flight bound)", registry=r)
         self.embed_batches = Gauge("cardigan_serve_embed_batches", "forward passes so far", registry=r)
+        self.thread_cpu = Gauge("cardigan_serve_thread_cpu_seconds", "CPU seconds of the process's threads by stage", ["stage"], registry=r)
         self.embed_items = Gauge("cardigan_serve_embed_items", "images embedded so far (items / batches = mean batch)", registry=r)
 
 
@@ -388,6 +389,8 @@ def create_app(settings: Settings, service: SearchService | None = None) -> Fast
         if svc.embedder is not None:
             metrics.embed_batches.set(svc.embedder.stats.batches)
             metrics.embed_items.set(svc.embedder.stats.items)
+        for stage, seconds in thread_cpu().items():
+            metrics.thread_cpu.labels(stage).set(seconds)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/", include_in_schema=False)

@@ -56,6 +56,15 @@ def _metric(base: str, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _stages(base: str) -> dict[str, float]:
+    """The service's CPU seconds by stage (its /metrics): model, decode+crop, http, ..."""
+    text = urllib3.request("GET", base + "/metrics").data.decode()
+    return {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^cardigan_serve_thread_cpu_seconds\{stage="([^"]+)"\} ([0-9.e+]+)$', text, re.M)
+    }
+
+
 def closed_loop(client: Client, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
     """``clients`` threads, each sending its next query when the last one answered."""
     from cardigan.bench import percentile
@@ -192,9 +201,11 @@ def run(
             for c in levels:
                 say(f"{c} client(s) for {seconds:.0f} s")
                 b0, i0 = _metric(base, "cardigan_serve_embed_batches"), _metric(base, "cardigan_serve_embed_items")
+                st0 = _stages(base)
                 cpu0 = (cpu_s(server.pid), cpu_s(milvus_pid), time.process_time())
                 res = closed_loop(client, c, seconds, warmup=min(2.0, seconds / 4))
                 cpu1 = (cpu_s(server.pid), cpu_s(milvus_pid), time.process_time())
+                st1 = _stages(base)
                 b1, i1 = _metric(base, "cardigan_serve_embed_batches"), _metric(base, "cardigan_serve_embed_items")
                 queries = max(1.0, i1 - i0)
                 res |= {
@@ -205,6 +216,7 @@ def run(
                         "milvus": 1000 * (cpu1[1] - cpu0[1]) / queries,
                         "clients": 1000 * (cpu1[2] - cpu0[2]) / queries,
                     },
+                    "service_cpu_ms_by_stage": {k: round(1000 * (v - st0.get(k, 0.0)) / queries, 2) for k, v in sorted(st1.items())},
                 }
                 rows.append(res)
             peak = max(r["qps"] for r in rows)
