@@ -302,3 +302,7 @@ def bench_search(
     console.print(
         f"paced at half the peak ({h['rate']:.0f}/s): p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms (p99/p50 {h['p99_ms'] / h['p50_ms']:.1f})"
     )
+    for r in res["levels"]:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["service_cpu_ms_by_stage"].items() if v >= 0.05)
+        console.print(f"service CPU ms per query by stage at {r['clients']} client(s): {stages}")
+    console.print(f"load average (1 min) before and after: {res['load_avg_1m']} (a shared machine shows here)")
