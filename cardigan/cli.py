@@ -431,6 +431,9 @@ _register_events(app)
 from cardigan.example_cli import register as _register_example  # noqa: E402
 
 _register_example(app)
+from cardigan.serve.cli import register as _register_serve  # noqa: E402
+
+_register_serve(app)
 
 
 def main() -> None:

@@ -746,6 +746,7 @@ def print_result(res: DemoResult, console: Console) -> None:
             "cardigan search <photo.jpg>; stop with: cardigan demo --stop"
             + (f" --out {res.out}" if res.out != Path("demo-out").absolute() else "")
         )
+        console.print(f"search page and API: source {res.out / 'demo.env'} && cardigan serve, then open http://127.0.0.1:8080/ (API docs: /docs)")
     elif res.stopped_services:
         console.print(f"stopped: {len(res.worker_pids)} worker(s), {', '.join(res.stopped_services)}")
 

@@ -226,12 +226,16 @@ class Index:
         finally:
             it.close()
 
-    def search(self, vectors: Sequence[Sequence[float]], k: int, *, collection: str | None = None, consistency: str = "Bounded") -> list[list[dict[str, Any]]]:
+    def search(
+        self, vectors: Sequence[Sequence[float]], k: int, *, collection: str | None = None, consistency: str = "Bounded", filter: str = ""
+    ) -> list[list[dict[str, Any]]]:
+        """``filter``: a Milvus expression built only from validated, escaped values (cardigan.serve.filters)."""
         res = self._call(
             "search",
             collection or self.alias,
             data=[list(map(float, v)) for v in vectors],
             limit=k,
+            filter=filter,
             output_fields=OUTPUT_FIELDS,
             search_params={"metric_type": "COSINE", "params": {"ef": max(64, k)}},
             consistency_level=consistency,

@@ -80,6 +80,19 @@ class WorkerSettings(BaseModel):
     tombstone_retention_s: int = Field(7 * 24 * 3600, ge=1)
 
 
+class ServeSettings(BaseModel):
+    """The search service (``cardigan serve``): where it listens and how much it takes on."""
+
+    host: str = "127.0.0.1"  # loopback by default; any other bind needs a token
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr = SecretStr("")  # bearer token; required when host is not loopback
+    max_in_flight: int = Field(64, ge=1)  # queries admitted at once; more get 503 + Retry-After
+    max_k: int = Field(100, ge=1, le=1000)
+    duplicate_threshold: float = Field(0.95, ge=-1.0, le=1.0)  # cosine score for "near-duplicate"
+    duplicates_scan: int = Field(5000, ge=1)  # vectors /v1/duplicates reads at most (a bounded scan)
+    search_batch: int = Field(64, ge=1)  # query vectors per Milvus search call
+
+
 class Settings(BaseSettings):
     """Everything a process needs to know to find its broker, index and images."""
 
@@ -114,6 +127,7 @@ class Settings(BaseSettings):
     encoder: EncoderSettings = EncoderSettings()
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
+    serve: ServeSettings = ServeSettings()
 
     @field_validator("s3_buckets", mode="before")
     @classmethod

@@ -34,7 +34,7 @@ from encoder import model_version_for
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
-EMBEDDERS = ("worker-cpu", "worker-gpu", "reindex")  # services whose vectors must share a model
+EMBEDDERS = ("worker-cpu", "worker-gpu", "reindex", "search")  # services whose vectors must share a model
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
