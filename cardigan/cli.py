@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardigan.errors import CardiganError
+from cardigan.reach import EX_UNREACHABLE, check_broker, check_state, exit_line, state_url, talking_to
 from config.settings import Settings, load_settings
 
 EX_CONFIG = 78  # a worker's exit status for a configuration error (workers/runtime.py)
@@ -41,7 +42,7 @@ def _settings() -> Settings:
 
 
 def _fail(msg: str, code: int = 1) -> None:
-    err_console.print(f"[red]error:[/] {msg}")
+    err_console.print(f"[red]error:[/] {msg}", soft_wrap=True)  # one line, whatever the terminal's width
     raise typer.Exit(code)
 
 
@@ -56,8 +57,9 @@ def _progress() -> Progress:
 def publish(
     file: str = typer.Argument(..., help="JSON lines file of events, or - for standard input"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    wait: float = typer.Option(0, "--wait", min=0, help="then wait up to this many seconds for each event's outcome (applied, stale, dead) and print it"),
 ) -> None:
-    """Validate and publish events; report rejected lines; exit 1 if any was rejected."""
+    """Validate and publish events; report rejected lines; exit 1 if any was rejected (or, with --wait, not applied)."""
     from cardigan.publish import Publisher, read_json_lines
 
     settings = _settings()
@@ -71,7 +73,9 @@ def publish(
         with path.open(encoding="utf-8", errors="replace") as f:
             lines = list(read_json_lines(f))
     show = len(lines) > 200 and not as_json
-    with _progress() as prog:
+    with talking_to(settings, broker=True, check=False), _progress() as prog:
+        if any(_valid(pub, raw) for _, raw in lines):  # stops at the first valid line
+            check_broker(settings)  # nothing valid: the rejections need no broker
         task = prog.add_task("publishing", total=len(lines), visible=show)
         report = pub.publish_many(lines, on_progress=lambda n: prog.advance(task, n))
     if as_json:
@@ -80,7 +84,27 @@ def publish(
         for r in report.rejected:
             err_console.print(f"line {r.line}: [red]rejected[/]: {r.reason}")
         console.print(f"published {report.published}, rejected {len(report.rejected)}")
-    raise typer.Exit(1 if report.rejected else 0)
+    failed = bool(report.rejected)
+    if wait and report.sent:
+        from cardigan.events_cli import wait_for_outcomes
+        from cardigan.guard import make_redis
+
+        with talking_to(settings, state=True):
+            outcomes = wait_for_outcomes(make_redis(state_url(settings)), settings.collection, report.sent, wait)
+        for line in outcomes:
+            typer.echo(line, err=as_json)  # stdout stays one JSON document with --json
+        failed = failed or any(": dead: " in x or ": no outcome within " in x for x in outcomes)
+    raise typer.Exit(1 if failed else 0)
+
+
+def _valid(pub: Any, raw: Any) -> bool:
+    from cardigan.errors import InvalidEvent
+
+    try:
+        pub.validate(raw)
+        return True
+    except InvalidEvent:
+        return False
 
 
 # -- worker -----------------------------------------------------------------------------
@@ -115,10 +139,16 @@ def worker(
     concurrency: int | None = typer.Option(None, "--concurrency", "-c", help="events in flight per process (default CARDIGAN_WORKER__CONCURRENCY)"),
     queues: str | None = typer.Option(None, "--queues", "-Q", help="comma-separated queues (default: live and bulk)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    connect_timeout: float = typer.Option(10, "--connect-timeout", min=0, help="seconds to wait for the broker and state Redis at start, then exit 2"),
 ) -> None:
     """Run worker processes and restart any that die (a poison message, a crash)."""
     s = _settings()
     qs = queues.split(",") if queues else [s.queue, s.bulk_queue]
+    # bounded: a shell pointed at nothing gets one line and exit 2, not endless reconnects
+    attempts = max(1, int(connect_timeout // 2) + 1)
+    with talking_to(s, broker=True, queues=qs, state=True, milvus=True, check=False):
+        check_broker(s, attempts=attempts, interval_s=2)
+        check_state(s, attempts=attempts, interval_s=2)
     argvs = [worker_argv(s, i, queues=qs, concurrency=concurrency or s.worker.concurrency, loglevel=loglevel) for i in range(processes)]
     env = worker_env(processes, os.environ)
     procs: list[subprocess.Popen[bytes]] = [subprocess.Popen(a, env=env) for a in argvs]
@@ -177,13 +207,15 @@ def search(
     from encoder import build_encoder
 
     s = _settings()
-    enc = build_encoder(s.encoder)
-    enc.load()
-    index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
-    try:
-        hits = search_image(index, enc, image.read_bytes(), k=k, max_pixels=s.limits.max_image_pixels)
-    except CardiganError as e:
-        _fail(e.reason)
+    with talking_to(s, milvus=True):
+        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        index.live_collection()  # a missing server answers here, before the model loads
+        enc = build_encoder(s.encoder)
+        enc.load()
+        try:
+            hits = search_image(index, enc, image.read_bytes(), k=k, max_pixels=s.limits.max_image_pixels)
+        except CardiganError as e:
+            _fail(e.reason)
     _hits_out(hits, as_json, f"products like {image.name}")
 
 
@@ -198,11 +230,12 @@ def similar(
     from cardigan.query import similar_products
 
     s = _settings()
-    index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
-    try:
-        hits = similar_products(index, product_id, k=k, max_images=s.limits.max_images)
-    except CardiganError as e:
-        _fail(e.reason)
+    with talking_to(s, milvus=True):
+        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        try:
+            hits = similar_products(index, product_id, k=k, max_images=s.limits.max_images)
+        except CardiganError as e:
+            _fail(e.reason)
     _hits_out(hits, as_json, f"similar to {product_id}")
 
 
@@ -216,7 +249,8 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
     from config.celery_app import create_app
 
     s = _settings()
-    st = collect_status(s, create_app(s), inspect=not no_inspect)
+    with talking_to(s, broker=True, queues=[s.queue, s.bulk_queue], state=True, milvus=True):
+        st = collect_status(s, create_app(s), inspect=not no_inspect)
     if as_json:
         print(json.dumps(st))
         return
@@ -229,13 +263,17 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
         f = st["in_flight"]
         t.add_row("workers online", ", ".join(f["workers"]) or "none")
         t.add_row("in flight", f"{f['active']} active, {f['reserved']} prefetched, {f['scheduled']} waiting to retry")
-    t.add_row("dead letters", str(st["dead_letters"]))
+    t.add_row("dead letters", str(st["dead_letters"]) + (f" ({st['dead_letters_dropped']} dropped by cap/retention)" if st.get("dead_letters_dropped") else ""))
+    if mem := st.get("redis_memory"):
+        from cardigan.status import format_memory
+
+        t.add_row("redis memory", format_memory(mem))
     t.add_row("alias", f"{st['alias']} -> {st['live_collection']}")
     t.add_row("write targets", ", ".join(st["write_targets"]))
     if rx := st.get("reindex"):
         t.add_row("reindex", f"{rx.get('phase')}: {rx.get('old')} -> {rx.get('new')}, {rx.get('done')}/{rx.get('total')} products")
     for name, c in st["collections"].items():
-        t.add_row(f"collection {name}", f"{c['rows']} vectors" + (" (live)" if c["live"] else ""))
+        t.add_row(f"collection {name}", _n(c['rows'], 'vector') + (" (live)" if c["live"] else ""))
     t.add_row("drained", "yes" if st["drained"] else "no")
     console.print(t)
 
@@ -243,11 +281,20 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
 # -- dead letters -----------------------------------------------------------------------
 
 
+def _n(n: int, noun: str) -> str:
+    """``1 vector``, ``2 vectors``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _dead_letters() -> Any:
+    """The dead letters in the state Redis, after saying where that is (exit 2 if it is down)."""
     from cardigan.deadletter import DeadLetters
     from cardigan.guard import make_redis
 
-    return DeadLetters(make_redis(_settings().effective_state_url))
+    s = _settings()
+    with talking_to(s, state=True):
+        pass
+    return DeadLetters(make_redis(state_url(s)))
 
 
 @dead_app.command("list")
@@ -260,8 +307,10 @@ def dead_list(as_json: bool = typer.Option(False, "--json"), limit: int = typer.
         return
     shown = f"{total} dead letter(s)" + (f", oldest {len(items)} shown" if len(items) < total else "")
     t = Table(title=shown)
-    for col in ("id", "time", "event", "kind", "attempts", "reason"):
+    t.add_column("id", no_wrap=True, min_width=12)  # whole: `dead show` takes it (or a unique prefix)
+    for col in ("time", "event", "kind", "attempts"):
         t.add_column(col)
+    t.add_column("reason", overflow="fold")
     for d in items:
         t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time)), _event_label(d.event), d.kind, str(d.attempts), d.reason)
     console.print(t)
@@ -274,17 +323,37 @@ def _event_label(event: Any) -> str:
     return "(raw message)"
 
 
+def _resolve(dl: Any, ids: list[str]) -> list[str]:
+    """Full ids for ids or unique prefixes (as git does); exit 1 naming the unknown or ambiguous ones."""
+    from cardigan.deadletter import AmbiguousId
+
+    out, missing = [], []
+    for given in ids:
+        try:
+            full = dl.resolve(given)
+        except AmbiguousId as e:
+            _fail(f"dead letter id {given!r} is ambiguous: it starts {', '.join(e.matches)}; give more characters")
+        if full is None:
+            missing.append(given)
+        else:
+            out.append(full)
+    if missing:
+        _fail(f"no dead letter {', '.join(map(repr, missing))}; `cardigan dead list` shows the ids")
+    return out
+
+
 @dead_app.command("show")
-def dead_show(dead_id: str) -> None:
+def dead_show(dead_id: str = typer.Argument(..., help="an id from `cardigan dead list`, or a unique prefix of one")) -> None:
     """One dead letter in full, with its event."""
-    d = _dead_letters().get(dead_id)
+    dl = _dead_letters()
+    d = dl.get(_resolve(dl, [dead_id])[0])
     if d is None:
         _fail(f"no dead letter {dead_id!r}; `cardigan dead list` shows the ids")
     print(json.dumps(d.__dict__, indent=2))
 
 
 @dead_app.command("replay")
-def dead_replay(ids: list[str] = typer.Argument(None), all_: bool = typer.Option(False, "--all")) -> None:
+def dead_replay(ids: list[str] = typer.Argument(None, help="ids or unique prefixes"), all_: bool = typer.Option(False, "--all")) -> None:
     """Publish dead letters again through the normal path (the version guard included).
 
     A replayed event that is still invalid is kept; one that fails again in the worker comes back
@@ -296,14 +365,14 @@ def dead_replay(ids: list[str] = typer.Argument(None), all_: bool = typer.Option
     if all_:
         items = dl.list()
     else:
-        found = {i: dl.get(i) for i in ids or []}
-        missing = [i for i, d in found.items() if d is None]
-        if missing:
-            _fail(f"no dead letter {', '.join(map(repr, missing))}; `cardigan dead list` shows the ids")
-        items = [d for d in found.values() if d is not None]
+        found = [dl.get(i) for i in _resolve(dl, ids or [])]
+        items = [d for d in found if d is not None]
     if not items:
         _fail("nothing to replay: give ids or --all")
-    pub = Publisher(_settings())
+    s = _settings()
+    with talking_to(s, broker=True):
+        pass
+    pub = Publisher(s)
     ok = failed = 0
     for d in items:
         event = d.event
@@ -328,7 +397,7 @@ def dead_replay(ids: list[str] = typer.Argument(None), all_: bool = typer.Option
 
 @dead_app.command("purge")
 def dead_purge(
-    ids: list[str] = typer.Argument(None, help="only these (default: every dead letter)"),
+    ids: list[str] = typer.Argument(None, help="only these ids or unique prefixes (default: every dead letter)"),
     yes: bool = typer.Option(False, "--yes", help="do not ask"),
 ) -> None:
     """Delete dead letters for good: the given ids, or all of them."""
@@ -336,7 +405,7 @@ def dead_purge(
     if not yes and not typer.confirm(f"Delete {what}?"):
         raise typer.Exit(1)
     dl = _dead_letters()
-    console.print(f"purged {dl.remove(list(ids)) if ids else dl.purge()}")
+    console.print(f"purged {dl.remove(_resolve(dl, list(ids))) if ids else dl.purge()}")
 
 
 # -- commands that live in their own modules (each exposes register(app)) ------------------
@@ -356,10 +425,31 @@ _register_train(app)
 from cardigan.bench import register as _register_bench  # noqa: E402
 
 _register_bench(app)
+from cardigan.events_cli import register as _register_events  # noqa: E402
+
+_register_events(app)
+from cardigan.example_cli import register as _register_example  # noqa: E402
+
+_register_example(app)
+from cardigan.serve.cli import register as _register_serve  # noqa: E402
+
+_register_serve(app)
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except Exception as e:
+        # a server that went away mid-command: the one line with the fix, not a traceback
+        try:
+            settings: Settings | None = load_settings()
+        except Exception:  # noqa: BLE001
+            settings = None
+        line = exit_line(e, settings)
+        if line is None:
+            raise
+        typer.echo(line, err=True)
+        sys.exit(EX_UNREACHABLE)
 
 
 if __name__ == "__main__":

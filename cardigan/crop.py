@@ -206,13 +206,14 @@ def preprocess(
     size: int,
     max_pixels: int,
     field_prefix: str = "image",
+    max_bytes: int | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Bytes of one image to a model input: decode, crop, resize; returns (tensor, method).
 
     ``field_prefix`` names the image in the event (``"images[2]"``): decode errors carry it,
     bbox errors carry ``"images[2].bbox"``, so a dead letter says which image was wrong.
     """
-    decoded = decode(data, max_pixels=max_pixels, target_size=size, crop_hint=bbox, field=field_prefix)
+    decoded = decode(data, max_pixels=max_pixels, target_size=size, crop_hint=bbox, field=field_prefix, max_bytes=max_bytes)
     crop, method, fill = crop_with_background(decoded.image, bbox, field=f"{field_prefix}.bbox", source_size=decoded.source_size)
     return to_tensor(crop, size, fill=fill), method
 

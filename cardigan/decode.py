@@ -122,6 +122,7 @@ def decode(
     target_size: int | None = None,
     crop_hint: Sequence[float] | None = None,
     field: str = "image",
+    max_bytes: int | None = None,
 ) -> DecodedImage:
     """Decode ``data`` to an upright RGB image, refusing bombs and broken files.
 
@@ -131,8 +132,11 @@ def decode(
     full-resolution pixels, that will be cropped) so a small crop keeps its detail.
     ``source_size`` in the result says what the bbox coordinates refer to.
 
+    ``max_bytes`` bounds the memory the decode and the conversion to RGB need, from the
+    header's size and pixel mode (see :func:`decode_bytes`), before any pixel is decoded.
+
     Raises CorruptImage (empty, not an image, unsupported, truncated, corrupt) and
-    ImageTooLarge (more than ``max_pixels``), both with ``field``.
+    ImageTooLarge (more than ``max_pixels`` or ``max_bytes``), both with ``field``.
     """
     if not data:
         raise CorruptImage("empty file", field=field)
@@ -151,6 +155,15 @@ def decode(
         request = _draft_request(im, target_size, crop_hint)
         if request is not None:
             im.draft("RGB", request)
+    if max_bytes is not None:  # after draft: a large JPEG decodes at the reduced size
+        cost = decode_bytes(im.size, im.mode, transparent="transparency" in im.info)
+        if cost > max_bytes:
+            w, h = im.size
+            raise ImageTooLarge(
+                f"{label} {w}x{h} in mode {im.mode} needs about {cost / 2**20:.0f} MiB to decode, "
+                f"over the limit of {max_bytes / 2**20:.0f} MiB",
+                field=field,
+            )
 
     try:
         im.load()  # first frame only: animated GIF/WebP/PNG never decode the rest
@@ -172,6 +185,27 @@ def decode(
     except _DECODE_ERRORS as exc:
         raise CorruptImage(f"cannot convert {label} mode {im.mode} to RGB: {exc}", field=field) from exc
     return DecodedImage(image=rgb, source_size=source_size, format=fmt)
+
+
+# Peak bytes per pixel from decode to 8-bit RGB, by Pillow mode: the decoded image (Pillow keeps
+# multi-band 8-bit modes in 4 bytes a pixel) plus what ``to_rgb`` allocates on the way. High-depth
+# modes go through numpy in float64: a 40 Mpx float TIFF peaks near 1.9 GB.
+_HIGH_DEPTH_COST = {"I;16": 40, "I;16L": 40, "I;16B": 40, "I;16N": 40, "I": 46, "F": 46}
+_ONE_BYTE_MODES = ("1", "L", "P")
+
+
+def decode_bytes(size: tuple[int, int], mode: str, *, transparent: bool = False) -> int:
+    """Memory, in bytes, that decoding an image of ``size`` and ``mode`` to RGB takes at its peak."""
+    pixels = size[0] * size[1]
+    if mode in _HIGH_DEPTH_COST:
+        per = _HIGH_DEPTH_COST[mode]
+    elif mode == "RGB" and not transparent:
+        per = 4
+    elif mode in _ONE_BYTE_MODES:
+        per = 1 + 4 + (4 if transparent else 0)  # + the RGB (and RGBA) copy
+    else:
+        per = 4 + 4 + 4  # RGBA, LA, CMYK …: the image, an RGBA copy, the RGB result
+    return pixels * per
 
 
 def _open(data: bytes, plugins: tuple[str, ...], *, max_pixels: int, label: str, field: str) -> Image.Image:

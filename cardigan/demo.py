@@ -538,7 +538,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         if opts.keep:
             result.kept_env = env
             _save_kept(out, data_dir, workers, started_services)
-            (out / "demo.env").write_text(_exports(env) + "\n")
+            write_env_file(out / "demo.env", env, data_dir)
         result.summary_json = _write_summary(result, out / "summary.json")
         return result
     finally:
@@ -649,6 +649,23 @@ def _exports(env: Mapping[str, str]) -> str:
     return "\n".join(f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items()))
 
 
+def write_env_file(path: Path, env: Mapping[str, str], data_dir: Path) -> Path:
+    """The ``--keep`` env file: ``source`` it and ``cardigan …`` talks to the kept stack.
+
+    Besides the stack's env it sets CARDIGAN_STACK_DIR (so ``cardigan stack status`` looks at
+    these servers, not ``./.cardigan/stack``) and puts this Python's ``bin`` first on PATH (so
+    ``cardigan`` is found in a shell where the venv is not activated). Mode 0600: it holds keys."""
+    import shlex
+
+    bindir = Path(sys.executable).parent  # the venv's bin (not resolved: that would leave the venv)
+    text = _exports({**env, "CARDIGAN_STACK_DIR": str(Path(data_dir).absolute())})
+    text += f'\nexport PATH={shlex.quote(str(bindir))}:"$PATH"\n'
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(text)
+    return path
+
+
 def _write_summary(res: DemoResult, path: Path) -> Path:
     data = {
         "ok": res.ok,
@@ -729,6 +746,7 @@ def print_result(res: DemoResult, console: Console) -> None:
             "cardigan search <photo.jpg>; stop with: cardigan demo --stop"
             + (f" --out {res.out}" if res.out != Path("demo-out").absolute() else "")
         )
+        console.print(f"search page and API: source {res.out / 'demo.env'} && cardigan serve, then open http://127.0.0.1:8080/ (API docs: /docs)")
     elif res.stopped_services:
         console.print(f"stopped: {len(res.worker_pids)} worker(s), {', '.join(res.stopped_services)}")
 

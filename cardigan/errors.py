@@ -70,6 +70,12 @@ class InternalError(PermanentError):
     kind = "internal_error"
 
 
+class IndexRejected(PermanentError):
+    """Milvus refused the data itself (a row over a field limit, a wrong type): retrying cannot help."""
+
+    kind = "index_rejected"
+
+
 class RetriesExhausted(PermanentError):
     kind = "retries_exhausted"
 

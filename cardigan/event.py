@@ -6,6 +6,8 @@ and in the worker (a producer in another language may skip the first check).
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from typing import Any, Literal
 
@@ -17,6 +19,61 @@ from cardigan.errors import InvalidEvent
 # a strict character set keeps quotes, spaces and filter syntax out by construction.
 PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 MAX_VERSION = 2**62  # fits Milvus INT64 with room; absurd beyond this
+
+# Limits of a Milvus JSON field, enforced here so the publisher and the worker refuse the same
+# events (Milvus Lite accepts megabytes and hides what a real server rejects, and a rejected row
+# fails the whole upsert it is in). Milvus 2.5 documents 65,536 bytes per JSON value.
+MAX_ATTRIBUTES_BYTES = 65_536
+MAX_ATTRIBUTES_DEPTH = 16  # nesting of objects/arrays; deeper is a mistake, and recursion costs
+_INT64 = (-(2**63), 2**63 - 1)
+# S3 bucket names (AWS rules: 3-63 characters, lowercase letters, digits, dots and hyphens,
+# starting and ending with a letter or digit). An invalid one can never be fetched: refusing it
+# here makes it a dead letter at once instead of a retried signing error.
+BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+MAX_KEY_BYTES = 1024  # S3's limit on an object key, in UTF-8 bytes
+
+
+def _lone_surrogate(text: str) -> bool:
+    """A lone surrogate (from JSON ``"\\ud800"``) cannot be encoded as UTF-8: Milvus refuses it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def check_json_value(value: Any, path: str = "", depth: int = 0) -> None:
+    """Refuse what a Milvus JSON field cannot hold: NaN/Infinity (stored as null), lone
+    surrogates, integers beyond int64, nesting deeper than MAX_ATTRIBUTES_DEPTH.
+
+    ``path`` is where ``value`` sits inside the checked object (named in the error).
+    """
+    where = f"at {path}" if path else "value"
+    if depth > MAX_ATTRIBUTES_DEPTH:
+        raise ValueError(f"{where}: nested deeper than {MAX_ATTRIBUTES_DEPTH} levels")
+    if isinstance(value, str):
+        if _lone_surrogate(value):
+            raise ValueError(f"{where}: contains a lone surrogate (not valid UTF-8)")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if not _INT64[0] <= value <= _INT64[1]:
+            raise ValueError(f"{where}: integer outside the 64-bit range")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: {value} is not a finite number (JSON has no NaN or Infinity)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys must be strings")
+            if _lone_surrogate(k):
+                raise ValueError(f"{where}: a key contains a lone surrogate (not valid UTF-8)")
+            check_json_value(v, f"{path}.{k}" if path else k, depth + 1)
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            check_json_value(v, f"{path}[{i}]", depth + 1)
+    else:
+        raise ValueError(f"{where}: {type(value).__name__} is not a JSON value")
 
 
 class ImageRef(BaseModel):
@@ -33,10 +90,19 @@ class ImageRef(BaseModel):
     def _uri_scheme(cls, v: str) -> str:
         if any(ord(c) < 32 or c == "\x7f" for c in v):
             raise ValueError("must not contain control characters")
+        if _lone_surrogate(v):
+            raise ValueError("contains a lone surrogate (not valid UTF-8)")
         if v.startswith("s3://"):
             bucket, _, key = v[5:].partition("/")
             if not bucket or not key:
                 raise ValueError("must be s3://bucket/key")
+            if not BUCKET_RE.match(bucket) or ".." in bucket:
+                raise ValueError(
+                    f"invalid bucket name {bucket[:70]!r}: 3-63 lowercase letters, digits, '.' and '-', "
+                    "starting and ending with a letter or digit"
+                )
+            if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+                raise ValueError(f"object key longer than {MAX_KEY_BYTES} bytes")
             return v
         if v.startswith("file://"):
             return v
@@ -81,6 +147,15 @@ class Event(BaseModel):
                 "must start with a letter or digit and contain only letters, digits and . _ : - "
                 f"(got {v!r})"
             )
+        return v
+
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, v: dict[str, Any]) -> dict[str, Any]:
+        check_json_value(v, "")
+        size = len(json.dumps(v, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        if size > MAX_ATTRIBUTES_BYTES:
+            raise ValueError(f"{size} bytes as JSON, over the Milvus JSON field limit of {MAX_ATTRIBUTES_BYTES} bytes")
         return v
 
     def keys(self, max_images: int) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -16,13 +17,14 @@ from urllib.parse import unquote
 import boto3
 import urllib3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
 from cardigan.errors import FetchUnavailable, ForbiddenURI, ImageTooLarge, MissingImage
 
 _MISSING = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 _URL_TTL_S = 300  # a signed GET is used at once; a short life bounds a leak
 _ERROR_BODY_MAX = 16 * 1024
+_CHUNK = 256 * 1024  # body read size: the deadline is checked between reads
 _DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 
 
@@ -79,9 +81,22 @@ class Fetcher:
     appears in an error or a log line.
     """
 
-    def __init__(self, s3_client: Any, *, max_bytes: int, local_root: Path | None, max_pool: int = 32) -> None:
+    def __init__(
+        self,
+        s3_client: Any,
+        *,
+        max_bytes: int,
+        local_root: Path | None,
+        max_pool: int = 32,
+        buckets: frozenset[str] | None = None,
+        deadline_s: float = 60.0,
+    ) -> None:
+        """``buckets``: the only buckets fetched from (None: any, for tools); ``deadline_s``:
+        one GET's whole time, so a server that trickles bytes cannot hold a thread for ever."""
         self._s3 = s3_client
         self._max_bytes = max_bytes
+        self._buckets = buckets
+        self._deadline_s = deadline_s
         self._root = Path(os.path.realpath(local_root)) if local_root else None
         self._http = urllib3.PoolManager(
             maxsize=max_pool,
@@ -101,17 +116,23 @@ class Fetcher:
 
     def _fetch_s3(self, bucket: str, key: str, field: str) -> bytes:
         where = f"s3://{bucket}/{key}"
+        if self._buckets is not None and bucket not in self._buckets:
+            allowed = ", ".join(sorted(self._buckets))
+            raise ForbiddenURI(f"bucket {bucket!r} is not allowed (CARDIGAN_S3_BUCKETS: {allowed})", field=field)
         try:
             url = self._s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=_URL_TTL_S)
-        except (BotoCoreError, ClientError) as e:  # no credentials, bad bucket name …
+        except ParamValidationError as e:  # an invalid bucket name or key: no retry can fix it
+            raise ForbiddenURI(f"invalid S3 location {where[:200]!r}: {e}", field=field) from None
+        except (BotoCoreError, ClientError) as e:  # no credentials …
             raise FetchUnavailable(f"cannot sign the GET for {where}: {type(e).__name__}: {e}", field=field) from None
+        deadline = time.monotonic() + self._deadline_s
         r = self._get(url, where, field)
         try:
             if r.status == 200:
                 size = int(r.headers.get("Content-Length") or 0)
                 if size > self._max_bytes:
                     raise ImageTooLarge(f"{where} is {size} bytes, limit {self._max_bytes}", field=field)
-                data = r.read(self._max_bytes + 1)
+                data = self._read_body(r, deadline, where, field)
                 if len(data) > self._max_bytes:
                     raise ImageTooLarge(f"{where} is over the limit of {self._max_bytes} bytes", field=field)
                 return data
@@ -131,6 +152,21 @@ class Fetcher:
         if code in _DENIED or r.status == 403:
             raise MissingImage(f"{where}: access denied ({code or r.status}); check the worker's AWS credentials", field=field)
         raise FetchUnavailable(f"S3 error {code or r.status} for {where}", field=field)
+
+    def _read_body(self, r: urllib3.BaseHTTPResponse, deadline: float, where: str, field: str) -> bytes:
+        """At most max_bytes + 1 bytes, in chunks, before the GET's deadline (each read has its own
+        20 s timeout; a server that sends a byte every 19 s would pass that for ever)."""
+        chunks: list[bytes] = []
+        got = 0
+        while got <= self._max_bytes:
+            if time.monotonic() > deadline:
+                raise FetchUnavailable(f"S3 GET of {where} took longer than {self._deadline_s:g} s", field=field)
+            chunk = r.read1(min(_CHUNK, self._max_bytes + 1 - got))  # what has arrived, not a full chunk
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        return b"".join(chunks)
 
     def _get(self, url: str, where: str, field: str) -> urllib3.BaseHTTPResponse:
         """One GET; a connection that broke before any answer is tried once more (idempotent)."""

@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError, PrimaryKeyException
 
-from cardigan.errors import IndexUnavailable
+from cardigan.errors import CardiganError, IndexRejected, IndexUnavailable
 from config.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,34 @@ log = logging.getLogger(__name__)
 DIM = 512
 _VERSIONED = re.compile(r"^(?P<alias>.+)_v(?P<n>\d+)$")
 OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes"]
+
+
+# What Milvus says when the data, not the service, is the problem. Server (merr) codes:
+# 1100 parameter invalid (a VARCHAR over max_length, a JSON value over 65,536 bytes, bad UTF-8),
+# 1101 parameter missing, 1102 parameter too large. Legacy codes (Milvus Lite, servers < 2.3):
+# 5 IllegalArgument (what a server maps 1100 to), 6 IllegalDimension. Everything else (service not
+# ready, rate limited, memory or disk quota, timeouts, connection errors) is transient.
+PERMANENT_CODES = frozenset({1100, 1101, 1102})
+PERMANENT_LEGACY_CODES = frozenset({5, 6})
+# raised by pymilvus before anything is sent: the rows do not fit the schema
+_CLIENT_DATA_ERRORS = (DataNotMatchException, DataTypeNotMatchException, ParamError, PrimaryKeyException, UnicodeError)
+
+
+def classify(op: str, collection: str, exc: BaseException) -> CardiganError:
+    """A Milvus failure as our error: IndexRejected (permanent) or IndexUnavailable (transient).
+
+    Callers never look at pymilvus types or module names; this is the one translation.
+    """
+    if isinstance(exc, _CLIENT_DATA_ERRORS):
+        msg = exc.message if isinstance(exc, MilvusException) else f"{type(exc).__name__}: {exc}"
+        return IndexRejected(f"Milvus {op} on {collection} refused the data: {msg}")
+    if isinstance(exc, MilvusException):
+        code = getattr(exc, "code", None)
+        legacy = getattr(exc, "compatible_code", None)
+        if code in PERMANENT_CODES or legacy in PERMANENT_LEGACY_CODES:
+            return IndexRejected(f"Milvus {op} on {collection} refused the data (code {code}): {exc.message}")
+        return IndexUnavailable(f"Milvus {op} on {collection} failed (code {code}): {exc.message}")
+    return IndexUnavailable(f"Milvus {op} on {collection} failed: {type(exc).__name__}: {exc}")
 
 
 def collection_name(alias: str, n: int) -> str:
@@ -161,12 +190,11 @@ class Index:
         try:
             self._load(collection)
             return getattr(self.client, op)(collection, timeout=self.timeout, **kw)
-        except MilvusException as e:
-            self._loaded.discard(collection)
-            raise IndexUnavailable(f"Milvus {op} on {collection} failed: {e.message}") from e
-        except Exception as e:  # gRPC UNAVAILABLE and friends
-            self._loaded.discard(collection)
-            raise IndexUnavailable(f"Milvus {op} on {collection} failed: {type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - MilvusException, gRPC UNAVAILABLE and friends: classified
+            err = classify(op, collection, e)
+            if not isinstance(err, IndexRejected):
+                self._loaded.discard(collection)  # a restarted server has it released
+            raise err from e
 
     # -- reads -------------------------------------------------------------------------
 
@@ -198,12 +226,16 @@ class Index:
         finally:
             it.close()
 
-    def search(self, vectors: Sequence[Sequence[float]], k: int, *, collection: str | None = None, consistency: str = "Bounded") -> list[list[dict[str, Any]]]:
+    def search(
+        self, vectors: Sequence[Sequence[float]], k: int, *, collection: str | None = None, consistency: str = "Bounded", filter: str = ""
+    ) -> list[list[dict[str, Any]]]:
+        """``filter``: a Milvus expression built only from validated, escaped values (cardigan.serve.filters)."""
         res = self._call(
             "search",
             collection or self.alias,
             data=[list(map(float, v)) for v in vectors],
             limit=k,
+            filter=filter,
             output_fields=OUTPUT_FIELDS,
             search_params={"metric_type": "COSINE", "params": {"ef": max(64, k)}},
             consistency_level=consistency,

@@ -33,6 +33,16 @@ class PublishReport:
     published: int = 0
     rejected: list[Rejection] = field(default_factory=list)
     task_ids: list[str] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)  # what was published, for `publish --wait`
+
+
+@dataclass
+class Sent:
+    line: int
+    task_id: str
+    type: str
+    product_id: str
+    version: int
 
 
 def task_message_args(ev: Event) -> dict[str, Any]:
@@ -84,7 +94,9 @@ class Publisher:
                 except InvalidEvent as e:
                     report.rejected.append(Rejection(line, e.reason))
                 else:
-                    report.task_ids.append(self.publish(ev, producer=producer))
+                    tid = self.publish(ev, producer=producer)
+                    report.task_ids.append(tid)
+                    report.sent.append(Sent(line, tid, ev.type, ev.product_id, ev.version))
                     report.published += 1
                 if on_progress:
                     on_progress(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +48,28 @@ def search_image(index: Index, encoder: Encoder, data: bytes, *, k: int, max_pix
     return best_per_product(rows, k)
 
 
+def near_ids(product_id: str) -> list[str]:
+    """Ids a person may have meant: the trailing number zero-padded or unpadded (``demo-152`` →
+    ``demo-0152``), or another letter case. Each is a lookup by primary key, so the list is short."""
+    out: list[str] = []
+    m = re.match(r"^(.*?)(\d+)$", product_id)
+    if m:
+        head, digits = m.groups()
+        n = digits.lstrip("0") or "0"
+        out += [head + n.zfill(w) for w in range(len(n), len(n) + 5)]
+    out += [product_id.lower(), product_id.upper()]
+    unique = dict.fromkeys(out)
+    unique.pop(product_id, None)
+    return [c for c in unique if PRODUCT_ID_RE.match(c)]
+
+
 def similar_products(index: Index, product_id: str, *, k: int, max_images: int) -> list[Hit]:
     """Products that look like this one: search with each of its vectors, best per product."""
     if not PRODUCT_ID_RE.match(product_id):
         raise InvalidEvent(f"not a valid product id: {product_id!r}", field="product_id")
     own = index.get_product(product_id, max_images)
     if not own:
-        raise InvalidEvent(f"product {product_id!r} is not in the index", field="product_id")
+        hint = next((f"; did you mean {c!r}?" for c in near_ids(product_id) if index.get_product(c, 1)), "")
+        raise InvalidEvent(f"product {product_id!r} is not in the index{hint}", field="product_id")
     rows = [r for hits in index.search([r["embedding"] for r in own], k * 4 + len(own)) for r in hits]
     return best_per_product(rows, k, exclude=product_id)

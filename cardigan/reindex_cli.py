@@ -39,7 +39,7 @@ def reindex_command(
 
     from rich.console import Console
 
-    from cardigan.errors import CardiganError
+    from cardigan.errors import CardiganError, IndexUnavailable
     from cardigan.reindex import ACTIVE_PHASES, Interrupted, Reindexer
     from cardigan.snapshot import SourceSpec, count_manifest, count_s3
     from config.settings import load_settings
@@ -60,6 +60,10 @@ def reindex_command(
         settings = load_settings()
     except Exception as e:  # noqa: BLE001 - a settings error must read as one
         fail(f"configuration error: {e}", 2)
+    from cardigan.reach import FIX, talking_to
+
+    with talking_to(settings, broker=True, queues=[settings.bulk_queue], state=True, milvus=True):
+        pass  # says where it talks; exit 2 with the fix when the broker or state Redis is down
     rx: Reindexer | None = None
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -120,6 +124,9 @@ def reindex_command(
             f"interrupted at {st.get('done', 0)}/{st.get('total', '?')} products ({st.get('phase')}); `cardigan reindex --resume` continues"
         )
         raise typer.Exit(130) from None
+    except IndexUnavailable as e:
+        typer.echo(f"cardigan: {e.reason}; {FIX}", err=True)  # one unwrapped line
+        raise typer.Exit(2) from None
     except CardiganError as e:
         fail(e.reason)
     finally:

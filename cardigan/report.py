@@ -204,6 +204,20 @@ td img{display:block;width:64px;height:64px}
 """
 
 
+def html_summary(rows: Sequence[QueryResult]) -> str:
+    """``6 queries scored · hit@1 50% · hit@5 83% · 1 row without a right answer``: the count
+    is the rows behind the rates, not every row on the page (a "similar items" row has no truth)."""
+    scored = sum(_knows_truth(r) for r in rows)
+    parts = [f"{scored} quer{'y' if scored == 1 else 'ies'} scored"]
+    for k in (1, 5):
+        rate = hit_rate_at_k(rows, k)
+        if rate is not None:
+            parts.append(f"hit@{k} {rate:.0%}")
+    if rest := len(rows) - scored:
+        parts.append(f"{rest} row{'' if rest == 1 else 's'} without a right answer (similar items)")
+    return " · ".join(parts)
+
+
 def html_report(rows: Sequence[QueryResult], out_html: Path, *, title: str, thumb: int = 160) -> Path:
     """A single self-contained HTML file: images inlined as base64 JPEG, no external assets."""
     parts = [
@@ -212,11 +226,7 @@ def html_report(rows: Sequence[QueryResult], out_html: Path, *, title: str, thum
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
     ]
-    summary = [f"{len(rows)} queries"]
-    for k in (1, 5):
-        rate = hit_rate_at_k(rows, k)
-        if rate is not None:
-            summary.append(f"hit@{k} {rate:.0%}")
+    summary = [html_summary(rows)]
     parts.append(f'<p class="summary">{html.escape(" · ".join(summary))}</p>')
     for row in rows:
         parts.append("<section>")

@@ -80,10 +80,12 @@ def up(
         raise typer.Exit(1) from None
     (st.data_dir / _CHOICES_FILE).write_text(json.dumps({"s3": st.s3, "flower": st.flower}) + "\n")
     reused = sorted(before & set(st.services))
+    # CARDIGAN_STACK_DIR too: later `cardigan stack status|down` in that shell find these servers
+    env = {**info.env(), "CARDIGAN_STACK_DIR": str(st.data_dir)}
     if as_json:
-        print(json.dumps({**info.to_json(), "reused": reused, "env": _public_env(info.env())}))
+        print(json.dumps({**info.to_json(), "reused": reused, "env": _public_env(env)}))
         return
-    print(export_lines(info.env()))
+    print(export_lines(env))
     started = [s for s in st.services if s not in before]
     # plain stderr, not rich: one unwrapped line per fact, and stdout stays eval-able
     again = "cardigan stack up" + (f" --data-dir {shlex.quote(str(data_dir))}" if data_dir else "")

@@ -11,6 +11,7 @@ from cardigan.deadletter import DeadLetters
 from cardigan.guard import make_redis
 from cardigan.index import Index
 from cardigan.reindex import reindex_progress
+from cardigan.tombstones import Tombstones
 from config.settings import Settings, redact_url
 from workers.writer import TARGETS_KEY
 
@@ -72,6 +73,9 @@ def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> 
             "collections": collections,
             "queues": depths,
             "dead_letters": DeadLetters(r).count(),
+            "dead_letters_dropped": DeadLetters(r).dropped(),
+            "redis_memory": redis_memory(r),
+            "tombstones": {c: Tombstones(r, retention_s=s.worker.tombstone_retention_s).count(c) for c in collections},
             "reindex": reindex_progress(r, s.collection),  # the last reindex's phase and counters
             **({"in_flight": flight} if inspect else {}),
         }
@@ -79,6 +83,27 @@ def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> 
         return out
     finally:
         r.close()
+
+
+def redis_memory(r: Any) -> dict[str, Any]:
+    """The state store's memory: it is a noeviction server shared with the broker, so a full one
+    stops the broker too. ``maxmemory`` 0 means no limit (then the machine's memory is)."""
+    info = r.info("memory")
+    used, limit = int(info.get("used_memory", 0)), int(info.get("maxmemory", 0))
+    return {
+        "used_bytes": used,
+        "peak_bytes": int(info.get("used_memory_peak", 0)),
+        "maxmemory_bytes": limit,
+        "policy": str(info.get("maxmemory_policy", "")),
+        "used_fraction": round(used / limit, 4) if limit else None,
+    }
+
+
+def format_memory(m: dict[str, Any]) -> str:
+    """One status line: ``12.3 MiB used of 1.0 GiB (1.2%), noeviction``."""
+    used = f"{m['used_bytes'] / 2**20:.1f} MiB used"
+    limit = f" of {m['maxmemory_bytes'] / 2**20:.0f} MiB ({m['used_fraction']:.1%})" if m["maxmemory_bytes"] else " (no maxmemory)"
+    return f"{used}{limit}, peak {m['peak_bytes'] / 2**20:.1f} MiB, policy {m['policy'] or '?'}"
 
 
 def _loaded(index: Index, name: str) -> bool:

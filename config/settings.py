@@ -11,11 +11,12 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -45,6 +46,10 @@ class LimitSettings(BaseModel):
 
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    # Decoded size, in bytes, counting the pixel mode: a 40 Mpx float TIFF of 0.2 MB decodes
+    # to ~1.9 GB on its way to RGB, an RGB picture of the same size to 160 MB.
+    max_decode_bytes: int = Field(512 * 1024 * 1024, ge=1)
+    fetch_deadline_s: float = Field(60.0, gt=0)  # one image's whole S3 GET, not just each read
     max_images: int = Field(8, ge=1, le=64)  # K: a product's keys are id#0 .. id#K-1
     max_product_id_len: int = Field(128, ge=1, le=256)
 
@@ -62,6 +67,30 @@ class WorkerSettings(BaseModel):
     max_deliveries: int = Field(3, ge=1)  # deliveries that killed a worker before a dead letter
     lock_ttl_ms: int = Field(30_000, ge=1000)  # per-product write lock
     fetch_threads: int = Field(8, ge=1)
+    # how long a product's last outcome stays readable by `cardigan events show` (0: not kept);
+    # one small key per product changed in that window
+    outcome_ttl_s: int = Field(3600, ge=0)
+    # An ``eta`` further ahead than this is refused (dead letter): the worker would hold the
+    # message unacked, and the Redis broker would redeliver it after the visibility timeout.
+    max_eta_s: int = Field(3600, ge=60)
+    # Redis stays bounded on a noeviction server shared with the broker:
+    dead_letter_max: int = Field(100_000, ge=1)  # oldest dropped beyond this (counted)
+    dead_letter_retention_s: int = Field(30 * 24 * 3600, ge=60)
+    # A delete's tombstone refuses older replays for this long, then is swept.
+    tombstone_retention_s: int = Field(7 * 24 * 3600, ge=1)
+
+
+class ServeSettings(BaseModel):
+    """The search service (``cardigan serve``): where it listens and how much it takes on."""
+
+    host: str = "127.0.0.1"  # loopback by default; any other bind needs a token
+    port: int = Field(8080, ge=0, le=65535)
+    token: SecretStr = SecretStr("")  # bearer token; required when host is not loopback
+    max_in_flight: int = Field(64, ge=1)  # queries admitted at once; more get 503 + Retry-After
+    max_k: int = Field(100, ge=1, le=1000)
+    duplicate_threshold: float = Field(0.95, ge=-1.0, le=1.0)  # cosine score for "near-duplicate"
+    duplicates_scan: int = Field(5000, ge=1)  # vectors /v1/duplicates reads at most (a bounded scan)
+    search_batch: int = Field(64, ge=1)  # query vectors per Milvus search call
 
 
 class Settings(BaseSettings):
@@ -88,15 +117,32 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     bucket: str = "catalog"  # default bucket for tools that upload (demo, bench)
+    # Buckets workers may fetch from (comma-separated in CARDIGAN_S3_BUCKETS); empty: ``bucket``
+    # only. An event naming any other bucket is a dead letter, whatever the credentials can read.
+    s3_buckets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     local_root: Path | None = None  # file:// URIs are allowed only under this folder
     queue: str = "cardigan.events"
     bulk_queue: str = "cardigan.bulk"
     flower_user: str = "admin"
     flower_password: SecretStr = SecretStr("")
     metrics_port: int = 0  # 0: no Prometheus endpoint
+    metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth
     encoder: EncoderSettings = EncoderSettings()
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
+    serve: ServeSettings = ServeSettings()
+
+    @field_validator("s3_buckets", mode="before")
+    @classmethod
+    def _bucket_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [b.strip() for b in v.split(",") if b.strip()]
+        return v
+
+    @property
+    def allowed_buckets(self) -> frozenset[str]:
+        """Where workers may fetch images from."""
+        return frozenset(self.s3_buckets or [self.bucket])
 
     @field_validator("collection")
     @classmethod

@@ -19,7 +19,7 @@ from celery import Task, shared_task
 
 from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, StateUnavailable, TransientError
 from cardigan.reindex import ReindexState
-from tasks.policy import backoff_s, count_delivery, dead_letter, never_lost
+from tasks.policy import backoff_s, count_delivery, dead_letter, never_lost, settle_for_retry
 from workers import metrics, runtime
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ def run_bulk(
 ) -> dict[str, Any]:
     """Run each event through the pipeline under the retry policy; report outcomes per type."""
     s = runtime.settings()
-    retries = task.request.retries
     kw = {"collection": collection, "run": run, "chunk": chunk, "size": size}
     outcomes: dict[str, int] = {}
 
@@ -63,20 +62,22 @@ def run_bulk(
             ReindexState(runtime.state(), s.collection).chunk_done(run, chunk, size or len(events))
         return {"bulk": True, "collection": collection, "chunk": chunk, "outcomes": outcomes}
 
-    if not isinstance(events, list):
-        dead_letter(task, events, InternalError("a bulk task's first argument must be a list of events"), retries + 1)
-        count(events, "dead")
-        return finish()
     try:
-        deliveries = count_delivery(task)
+        seen = count_delivery(task)
     except redis.RedisError as e:
         raise task.retry(
-            exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s), max_retries=None
+            exc=e, countdown=backoff_s(0, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s), max_retries=None
         ) from e
-    if deliveries > s.worker.max_deliveries:
-        err = PoisonMessage(f"bulk chunk delivered {deliveries} times without finishing: the worker died each time")
+    attempt = seen.starts  # ours, not the sender's `retries` header
+    retries = attempt - 1
+    if not isinstance(events, list):
+        dead_letter(task, events, InternalError("a bulk task's first argument must be a list of events"), attempt)
+        count(events, "dead")
+        return finish()
+    if seen.died >= s.worker.max_deliveries:
+        err = PoisonMessage(f"bulk chunk delivered {seen.died + 1} times without finishing: the worker died each time")
         for ev in events:
-            dead_letter(task, ev, err, retries + deliveries)
+            dead_letter(task, ev, err, attempt)
             count(ev, "dead")
         return finish()
     try:
@@ -88,6 +89,7 @@ def run_bulk(
                 count(ev, "skipped")
             return {"bulk": True, "collection": collection, "chunk": chunk, "outcomes": outcomes}
     except (TransientError, redis.RedisError) as e:  # Milvus or Redis down: the whole chunk waits
+        settle_for_retry(task)
         raise task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)) from e
 
     with ThreadPoolExecutor(max(1, min(len(events), _MAX_THREADS)), thread_name_prefix="bulk") as pool:
@@ -98,18 +100,18 @@ def run_bulk(
             res = fut.result()
             count(ev, res.outcome)
         except PermanentError as e:
-            dead_letter(task, ev, e, retries + 1)
+            dead_letter(task, ev, e, attempt)
             count(ev, "dead")
         except (TransientError, redis.RedisError) as e:
             failed.append((ev, e if isinstance(e, TransientError) else StateUnavailable(f"state store: {e}")))
         except Exception as e:  # noqa: BLE001 - a bug: keep the event for replay after the fix
             log.exception("unexpected error in a bulk event")
-            dead_letter(task, ev, InternalError(f"{type(e).__name__}: {e}"), retries + 1)
+            dead_letter(task, ev, InternalError(f"{type(e).__name__}: {e}"), attempt)
             count(ev, "dead")
     if failed:
-        if retries >= s.worker.max_retries:
+        if attempt > s.worker.max_retries:
             for ev, e in failed:
-                dead_letter(task, ev, RetriesExhausted(f"gave up after {retries + 1} attempts: {e.reason}"), retries + 1)
+                dead_letter(task, ev, RetriesExhausted(f"gave up after {attempt} attempts: {e.reason}"), attempt)
                 count(ev, "dead")
         else:
             first = failed[0][1]
@@ -125,5 +127,6 @@ def run_bulk(
                 (task.request.delivery_info or {}).get("routing_key") or "unknown", outcomes
             )  # the retry carries only the failed
             countdown = backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)
+            settle_for_retry(task)
             raise task.retry(args=[[ev for ev, _ in failed]], kwargs={**kw, "size": size or len(events)}, countdown=countdown, exc=first)
     return finish()

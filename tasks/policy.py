@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -21,22 +22,58 @@ from workers import runtime
 
 log = logging.getLogger(__name__)
 
-_DELIVERIES = "cardigan:deliveries:{id}:{retry}"
+# One hash per message id: "starts" (deliveries begun) and "settled" (deliveries that ended in a
+# retry we scheduled). Deleted when the message ends in an outcome, so a reused id starts afresh
+# and Redis holds one small hash per message in flight, not one per message ever seen; the TTL
+# only covers a worker that dies between the outcome and the delete.
+_DELIVERIES = "cardigan:deliveries:{id}"
+DELIVERY_TTL_S = 2 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Deliveries:
+    """What the worker, not the sender, knows about one message id."""
+
+    starts: int  # deliveries begun, this one included
+    settled: int  # of those, how many ended in a retry we scheduled
+
+    @property
+    def died(self) -> int:
+        """Earlier deliveries that neither finished nor retried: their worker died holding them."""
+        return max(0, self.starts - 1 - self.settled)
 
 
 def backoff_s(retries: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter (AWS architecture blog's 'full jitter')."""
-    return random.uniform(0, min(cap, base * 2**retries))
+    return random.uniform(0, min(cap, base * 2 ** min(retries, 32)))
 
 
-def count_delivery(task: Task) -> int:
-    """How many times this exact message (id, retry) has been started; survives worker death."""
-    key = _DELIVERIES.format(id=task.request.id, retry=task.request.retries)
-    r = runtime.state()
-    pipe = r.pipeline(transaction=False)
-    pipe.incr(key)
-    pipe.expire(key, 7 * 24 * 3600)
-    return int(pipe.execute()[0])
+def _key(task: Task) -> str:
+    return _DELIVERIES.format(id=task.request.id)
+
+
+def count_delivery(task: Task) -> Deliveries:
+    """Count this delivery of the message; survives worker death, ignores the ``retries`` header."""
+    key = _key(task)
+    pipe = runtime.state().pipeline(transaction=True)
+    pipe.hincrby(key, "starts", 1)
+    pipe.hget(key, "settled")
+    pipe.expire(key, DELIVERY_TTL_S)
+    starts, settled, _ = pipe.execute()
+    return Deliveries(int(starts), int(settled or 0))
+
+
+def settle_for_retry(task: Task) -> None:
+    """This delivery ends in a retry we schedule (not a death)."""
+    runtime.state().hincrby(_key(task), "settled", 1)
+
+
+def forget_deliveries(task: Task) -> None:
+    """The message ended in an outcome: its counter goes (best effort; the TTL is the net)."""
+    try:
+        runtime.state().delete(_key(task))
+    except redis.RedisError:
+        log.debug("delivery counter of %s not deleted", task.request.id, exc_info=True)
 
 
 def dead_letter(task: Task, event: Any, err: PermanentError, attempts: int) -> dict[str, Any]:
@@ -61,7 +98,7 @@ def run_event(task: Task, event: Any) -> dict[str, Any]:
 def never_lost(task: Task, fn: Callable[..., dict[str, Any]], *args: Any, **kw: Any) -> dict[str, Any]:
     """Run a task body; if it cannot record any outcome, requeue the message instead of acking it."""
     try:
-        return fn(*args, **kw)
+        result = fn(*args, **kw)
     except Retry:
         raise
     except Reject as r:
@@ -74,32 +111,37 @@ def never_lost(task: Task, fn: Callable[..., dict[str, Any]], *args: Any, **kw: 
     except Exception as e:  # noqa: BLE001 - the state store or broker is down: give it back
         log.error("could not record the outcome of %s (%s: %s); message requeued", task.request.id, type(e).__name__, e)
         raise Reject(f"{type(e).__name__}: {e}", requeue=True) from e
+    forget_deliveries(task)  # an outcome is recorded: the message is acked next
+    return result
 
 
 def _run_event(task: Task, event: Any) -> dict[str, Any]:
     s = runtime.settings()
-    retries = task.request.retries
+    try:
+        seen = count_delivery(task)
+    except redis.RedisError as e:
+        raise task.retry(exc=e, countdown=backoff_s(0, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)) from e
+    attempt = seen.starts  # ours: the sender's `retries` header is never used for counting
 
     def retry(e: BaseException) -> Retry:
-        return task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s))
+        settle_for_retry(task)
+        return task.retry(exc=e, countdown=backoff_s(attempt - 1, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s))
 
-    try:
-        deliveries = count_delivery(task)
-    except redis.RedisError as e:
-        raise retry(e) from e
-    if deliveries > s.worker.max_deliveries:
-        err = PoisonMessage(f"delivered {deliveries} times without finishing: the worker died each time (out of memory, native crash)")
-        return dead_letter(task, event, err, retries + deliveries)
+    if seen.died >= s.worker.max_deliveries:
+        err = PoisonMessage(f"delivered {seen.died + 1} times without finishing: the worker died each time (out of memory, native crash)")
+        return dead_letter(task, event, err, attempt)
+    if attempt > s.worker.max_retries + s.worker.max_deliveries + 1:  # a net for ids delivered in parallel
+        return dead_letter(task, event, PoisonMessage(f"delivered {attempt} times without an outcome"), attempt)
     try:
         return runtime.pipeline().handle(event).as_dict()
     except PermanentError as e:
-        return dead_letter(task, event, e, retries + 1)
+        return dead_letter(task, event, e, attempt)
     except (TransientError, redis.RedisError) as e:  # a client error the pipeline did not wrap is still transient
         reason = e.reason if isinstance(e, TransientError) else f"state store: {type(e).__name__}: {e}"
-        if retries >= s.worker.max_retries:
-            return dead_letter(task, event, RetriesExhausted(f"gave up after {retries + 1} attempts: {reason}"), retries + 1)
-        log.info("transient failure (%s), retry %d/%d", reason, retries + 1, s.worker.max_retries)
+        if attempt > s.worker.max_retries:
+            return dead_letter(task, event, RetriesExhausted(f"gave up after {attempt} attempts: {reason}"), attempt)
+        log.info("transient failure (%s), retry %d/%d", reason, attempt, s.worker.max_retries)
         raise retry(e) from e
     except Exception as e:  # a bug: keep the event for replay after the fix, never drop it
         log.exception("unexpected error")
-        return dead_letter(task, event, InternalError(f"{type(e).__name__}: {e}"), retries + 1)
+        return dead_letter(task, event, InternalError(f"{type(e).__name__}: {e}"), attempt)

@@ -184,9 +184,9 @@ def test_e2e_bad_inputs_dead_lettered_good_ones_indexed(ns: Namespace, tmp_path:
             add_event("bad-missing-object", [f"s3://{bucket}/nope/{uuid.uuid4().hex}.jpg"]),
             Bad("missing_image", "images[0].uri", "does not exist"),
         ),
-        "bad-missing-bucket": (
-            add_event("bad-missing-bucket", [f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/a.jpg"]),
-            Bad("missing_image", "images[0].uri", "does not exist"),
+        "bad-bucket-not-allowed": (  # any bucket but CARDIGAN_BUCKET (no CARDIGAN_S3_BUCKETS here)
+            add_event("bad-bucket-not-allowed", [f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/a.jpg"]),
+            Bad("forbidden_uri", "images[0].uri", "is not allowed (CARDIGAN_S3_BUCKETS"),
         ),
         "bad-zero-bytes": (
             add_event("bad-zero-bytes", [ns.put_image("bad/empty.jpg", b"")]),

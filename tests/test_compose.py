@@ -34,7 +34,7 @@ from encoder import model_version_for
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 SCHEMA = Path(__file__).resolve().parent / "data" / "compose-spec.json"
-EMBEDDERS = ("worker-cpu", "worker-gpu", "reindex")  # services whose vectors must share a model
+EMBEDDERS = ("worker-cpu", "worker-gpu", "reindex", "search")  # services whose vectors must share a model
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
@@ -215,10 +215,39 @@ def test_every_cardigan_variable_is_a_setting_and_loads(compose: dict[str, Any],
 def test_required_variables_are_documented_and_enforced(compose: dict[str, Any]) -> None:
     text = COMPOSE.read_text()
     required = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*):\?", text))
-    assert {"IMAGES_SECRET_KEY", "FLOWER_PASSWORD"} <= required
+    assert {"IMAGES_SECRET_KEY", "FLOWER_PASSWORD", "REDIS_PASSWORD"} <= required
     assert required <= set(example_env()), "document every required variable in docker/env.example"
     with pytest.raises(KeyError, match="FLOWER_PASSWORD"):
-        service_env(compose["services"]["flower"], {"IMAGES_SECRET_KEY": "x"})
+        service_env(compose["services"]["flower"], {"IMAGES_SECRET_KEY": "x", "REDIS_PASSWORD": "x"})
+    with pytest.raises(KeyError, match="REDIS_PASSWORD"):
+        service_env(compose["services"]["worker-cpu"], {"IMAGES_SECRET_KEY": "x"})
+
+
+def test_secure_by_default(compose: dict[str, Any]) -> None:
+    """Nothing listens beyond loopback without auth: Redis has a password that every client
+    uses, published ports are bound to 127.0.0.1, Flower asks for basic auth, metrics are on
+    loopback unless the operator says otherwise."""
+    services = compose["services"]
+    dotenv = example_env()
+    for name, svc in services.items():
+        for port in svc.get("ports") or []:
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond loopback"
+    redis_cmd = [interpolate(str(a), dotenv) for a in services["redis"]["command"]]
+    password = redis_cmd[redis_cmd.index("--requirepass") + 1]
+    assert password == dotenv["REDIS_PASSWORD"] and password
+    assert service_env(services["redis"], dotenv)["REDISCLI_AUTH"] == password  # the healthcheck authenticates
+    for name, svc in services.items():
+        env = service_env(svc, dotenv)
+        if "CARDIGAN_BROKER_URL" in env:
+            url = urlparse(env["CARDIGAN_BROKER_URL"])
+            assert url.password == password, f"{name} reaches Redis without its password"
+            s = Settings(broker_url=env["CARDIGAN_BROKER_URL"], metrics_host=env["CARDIGAN_METRICS_HOST"])
+            assert s.metrics_host == "127.0.0.1", f"{name}: metrics beyond loopback by default"
+            assert urlparse(s.effective_state_url).password == password
+    flower = service_env(services["flower"], dotenv)
+    user, _, pw = flower["FLOWER_BASIC_AUTH"].partition(":")
+    assert user and pw == dotenv["FLOWER_PASSWORD"]
+    assert Settings().metrics_host == "127.0.0.1"  # outside compose too
 
 
 # -- topology ----------------------------------------------------------------------------------

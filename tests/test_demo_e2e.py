@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +43,19 @@ def _nothing_runs(res: DemoResult) -> None:
     assert not any(s["running"] for s in st.values()), st
 
 
+def _readme_keep_flow(out: Path, res: DemoResult) -> None:
+    """The README's keep flow, as written, in a shell whose PATH lacks the venv."""
+    venv_bin = Path(sys.executable).parent
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p) != venv_bin) or "/usr/bin:/bin"
+    env = {"PATH": path, "HOME": str(out), "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "COLUMNS": "200", "NO_COLOR": "1"}
+    script = f"cd {out.parent} && source {out / 'demo.env'} && cardigan status && cardigan stack status"
+    sh = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert sh.returncode == 0, sh.stdout + sh.stderr
+    online = next(line for line in sh.stdout.splitlines() if "workers online" in line)
+    assert "alias demo" in sh.stderr and "none" not in online, sh.stdout + sh.stderr  # the kept workers answer
+    assert f"stack {out / 'stack'}" in sh.stdout.replace("\n", "") and sh.stdout.count("healthy") == 3, sh.stdout
+
+
 def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     console, buf = _console()
     res = run_demo(DemoOptions(out=tmp_path / "out", **SMALL, **TINY_TRAINING), console)
@@ -58,6 +74,7 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
         assert png.format == "PNG" and png.height > 4 * 128
     html = res.html.read_text()
     assert html.count("<section>") == 4 and "data:image/jpeg;base64," in html
+    assert "3 queries scored" in html and "1 row without a right answer" in html  # the similar-items row is not scored
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["ok"] is True and summary["events"] == res.events
     # hit rates are scored over a street photo of every live product, not only the 3 shown
@@ -79,6 +96,7 @@ def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path
     first = run_demo(DemoOptions(out=out, keep=True, seed=0, **SMALL, **TINY_TRAINING), _console()[0])
     assert first.ok and first.kept_env is not None
     assert not any(_gone(p) for p in first.worker_pids), "--keep should leave the workers running"
+    _readme_keep_flow(out, first)
 
     tampered: dict[str, str] = {}
 

@@ -347,7 +347,7 @@ def test_s3_prefix_snapshot_groups_products_in_key_order_and_resumes(ns: Namespa
 
 
 def test_manifest_snapshot_reports_bad_lines_and_resumes(tmp_path: Path) -> None:
-    good = {"type": "add", "product_id": "m-1", "version": 3, "images": [{"uri": "s3://b/m-1/0.jpg", "bbox": [1, 2, 30, 40]}]}
+    good = {"type": "add", "product_id": "m-1", "version": 3, "images": [{"uri": "s3://bkt/m-1/0.jpg", "bbox": [1, 2, 30, 40]}]}
     path = tmp_path / "m.jsonl"
     lines = [
         json.dumps(good),

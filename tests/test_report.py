@@ -123,3 +123,16 @@ def test_hit_rate_counts_rank() -> None:
     wrong_first = QueryResult(None, "q", [Hit("x", None, 0.9), Hit("p", None, 0.8)], product_id="p")
     assert hit_rate_at_k([wrong_first], 1) == 0.0
     assert hit_rate_at_k([wrong_first], 2) == 1.0
+
+
+def test_html_summary_counts_the_scored_queries_only() -> None:
+    from cardigan.report import Hit, QueryResult, html_summary
+
+    img = Image.new("RGB", (8, 8))
+    rows = [
+        QueryResult(img, "street: a", [Hit("a", img, 0.9), Hit("b", img, 0.8)], product_id="a"),
+        QueryResult(img, "street: b", [Hit("a", img, 0.9), Hit("b", img, 0.8)], product_id="b"),
+        QueryResult(img, "similar: a", [Hit("b", img, 0.7)]),
+    ]
+    assert html_summary(rows) == "2 queries scored · hit@1 50% · hit@5 100% · 1 row without a right answer (similar items)"
+    assert html_summary(rows[:1]) == "1 query scored · hit@1 100% · hit@5 100%"

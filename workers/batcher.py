@@ -110,4 +110,7 @@ class MicroBatcher(Generic[T, R]):
         self.stats.batches += 1
         self.stats.items += len(items)
         for (_, fut), res in zip(batch, results):
-            fut.set_result(res)
+            if isinstance(res, BaseException):  # ``fn`` failed this item alone (the writer's refused rows)
+                fut.set_exception(res)
+            else:
+                fut.set_result(res)

@@ -28,11 +28,13 @@ from vine import promise
 
 from cardigan.errors import PermanentError
 from workers import redelivery
+from workers.envelope import check_embed, check_envelope, check_task_id, neutralise
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_REPR = 4096  # characters of a refused body kept in its dead letter
 MAX_EVENT_JSON = 64 * 1024  # a decoded payload bigger than this is kept as a capped repr
+OWN_TASKS = "cardigan."  # the only task names a worker runs
 
 
 class RefusedContent(PermanentError):
@@ -80,6 +82,14 @@ def _capped(value: Any) -> Any:
     except (TypeError, ValueError):
         pass
     return repr(value)[:MAX_BODY_REPR]
+
+
+def _kept_event(payload: Any, hybrid: bool) -> Any:
+    """What a refused task message keeps: the event when it is there (a fixed copy can be replayed)."""
+    args = payload.get("args") if hybrid and isinstance(payload, dict) else (payload[0] if isinstance(payload, list | tuple) and payload else None)
+    if isinstance(args, list | tuple) and len(args) >= 1 and isinstance(args[0], dict):
+        return _capped(args[0])
+    return _capped(payload)
 
 
 def _headers(message: Message) -> dict[str, Any]:
@@ -156,8 +166,8 @@ class Consumer(CeleryConsumer):
         headers = _headers(message)
         name, task_id = headers.get("task"), headers.get("id")
         protocol_1 = name is None
-        if name is not None and (not isinstance(name, str) or name not in self.strategies):
-            return self._unknown(name), None
+        if name is not None and not self._runnable(name):
+            return self._unknown(name), body_repr(message)  # kept raw: never decoded for a task we do not run
         try:
             payload = message.payload  # kombu refuses any content type not in accept_content
         except Exception as exc:  # noqa: BLE001 - every decode failure is a dead letter
@@ -166,16 +176,27 @@ class Consumer(CeleryConsumer):
             if not isinstance(payload, dict) or "task" not in payload:
                 return UnknownMessage("not a Celery task message (no 'task' header or field): sent to the wrong queue?"), _capped(payload)
             name, task_id = payload["task"], payload.get("id")
-            if not isinstance(name, str) or name not in self.strategies:
+            if not self._runnable(name):
                 return self._unknown(name), _capped(payload)
         if not isinstance(task_id, str) or not task_id:
             return MalformedTask("the task id ('id') is missing"), _capped(payload)
-        if isinstance(payload, dict) and (protocol_1 or "args" in payload):  # Celery converts these
+        hybrid = isinstance(payload, dict) and (protocol_1 or "args" in payload)  # Celery converts these
+        envelope = payload if hybrid else headers  # where Celery reads retries, eta, expires from
+        try:
+            check_task_id(task_id)
+            check_envelope(envelope, max_eta_s=self.app.cardigan_settings.worker.max_eta_s)
+        except PermanentError as problem:
+            return problem, _kept_event(payload, hybrid)
+        if hybrid:
             args, kwargs = payload.get("args", ()), payload.get("kwargs", {})
         elif isinstance(payload, list | tuple) and len(payload) == 3:
             args, kwargs, embed = payload
             if not (embed is None or isinstance(embed, dict)):
                 return MalformedTask(f"body [args, kwargs, embed]: embed must be an object, got {type(embed).__name__}"), _capped(payload)
+            try:
+                check_embed(embed)
+            except PermanentError as problem:
+                return problem, _kept_event(payload, hybrid)
         else:
             got = f"a list of {len(payload)}" if isinstance(payload, list | tuple) else type(payload).__name__
             return MalformedTask(f"body must be [args, kwargs, embed] (Celery message protocol 2), got {got}"), _capped(payload)
@@ -191,10 +212,16 @@ class Consumer(CeleryConsumer):
                 # keep the event itself when it is there, so a fixed copy can be replayed
                 kept = args[0] if len(args) >= 1 and isinstance(args[0], dict) else payload
                 return MalformedTask(f"arguments do not match task {name}: {exc}"), _capped(kept)
+        neutralise(envelope)  # type: ignore[arg-type]
         return None, None
 
+    def _runnable(self, name: Any) -> bool:
+        """Only Cardigan's own tasks: Celery's built-ins (celery.map, celery.group, celery.chord,
+        celery.accumulate …) are registered in every app, and would run whatever a sender asks."""
+        return isinstance(name, str) and name.startswith(OWN_TASKS) and name in self.strategies
+
     def _unknown(self, name: Any) -> UnknownTask:
-        known = ", ".join(sorted(n for n in self.strategies if not n.startswith("celery.")))
+        known = ", ".join(sorted(n for n in self.strategies if n.startswith(OWN_TASKS)))
         return UnknownTask(f"unknown task {name!r}: this worker runs {known}")
 
     # -- Celery's own callbacks: what the check above leaves to them ---------------------
@@ -222,12 +249,16 @@ class Consumer(CeleryConsumer):
 
         delivery = message.delivery_info if isinstance(message.delivery_info, dict) else {}
         task_id = _headers(message).get("id")
-        if task_id is None and isinstance(event, dict):  # protocol 1: the id is in the (JSON) body
-            task_id = event.get("id")
+        if task_id is None:  # protocol 1: the id is in the (JSON) body
+            try:
+                payload = message.payload  # decoded already, or refused (never unpickled)
+            except Exception:  # noqa: BLE001 - undecodable: no id to read
+                payload = None
+            task_id = (payload if isinstance(payload, dict) else event if isinstance(event, dict) else {}).get("id")
         task_id = task_id if isinstance(task_id, str) else None
         try:
             dl = runtime.dead_letters().add(
-                reason=err.reason, kind=err.kind, event=event, task_id=task_id, queue=delivery.get("routing_key"),
+                reason=err.reason, kind=err.kind, event=event, field=err.field, task_id=task_id, queue=delivery.get("routing_key"),
             )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - never drop it: the broker will deliver it again
             log.error("could not store a dead letter (%s) for message %s: %s; left unacked", err.kind, task_id, exc)

@@ -33,6 +33,9 @@ EVENTS = Counter(
 DEAD_LETTERS = Counter(
     "cardigan_dead_letters_total", "Events stored as dead letters (permanent errors, retries exhausted, poison)", ["queue"]
 )
+DEAD_LETTERS_DROPPED = Counter(
+    "cardigan_dead_letters_dropped_total", "Dead letters dropped by the cap (CARDIGAN_WORKER__DEAD_LETTER_MAX) or the retention"
+)
 RETRIES = Counter("cardigan_retries_total", "Retries scheduled after a transient error, by error kind", ["queue", "kind"])
 TASK_ERRORS = Counter("cardigan_task_errors_total", "Tasks that raised instead of returning an outcome (a bug, or Redis down)", ["task"])
 FRESHNESS = Histogram(
@@ -138,10 +141,10 @@ def start(settings: Settings, nodename: str = "") -> int | None:
         if port in _started:
             return port
         try:
-            start_http_server(port)
+            start_http_server(port, addr=settings.metrics_host)
         except OSError as e:
             log.error("metrics endpoint not started: port %d: %s (set CARDIGAN_METRICS_PORT to a free port, or 0)", port, e)
             return None
         _started.add(port)
-    log.info("Prometheus metrics on :%d/metrics", port)
+    log.info("Prometheus metrics on %s:%d/metrics", settings.metrics_host, port)
     return port

@@ -14,21 +14,23 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
 import torch
 
 from cardigan.crop import preprocess
+from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.fetch import Fetcher, make_s3_client
 from cardigan.guard import VersionGuard, make_redis
 from cardigan.index import Index
+from cardigan.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
-from workers.writer import IndexWriter, Outcome, WriteOp
+from workers.writer import OUTCOME_KEY, IndexWriter, Outcome, WriteOp
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,24 @@ class Pipeline:
             max_bytes=s.limits.max_image_bytes,
             local_root=s.local_root,
             max_pool=s.worker.fetch_threads + s.worker.concurrency,
+            buckets=s.allowed_buckets,
+            deadline_s=s.limits.fetch_deadline_s,
         )
         self.encoder = encoder or build_encoder(s.encoder)
         self.encoder.load()
-        self.writer = IndexWriter(self.index, self.guard, self.state, max_images=s.limits.max_images, live=self.live)
+        self.writer = IndexWriter(
+            self.index,
+            self.guard,
+            self.state,
+            max_images=s.limits.max_images,
+            live=self.live,
+            tombstones=Tombstones(self.state, retention_s=s.worker.tombstone_retention_s),
+        )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
         ).start()
-        self.write_batcher: MicroBatcher[WriteOp, Outcome] = MicroBatcher(
+        self.write_batcher: MicroBatcher[WriteOp, Outcome | IndexRejected] = MicroBatcher(
             self.writer.write_batch, max_items=s.worker.write_batch_size, max_wait_s=s.worker.write_wait_ms / 1000, name="write", isolate_failures=False
         ).start()
         self._stats_key = STATS_KEY.format(alias=s.collection)
@@ -117,13 +128,26 @@ class Pipeline:
         ev = parse_event(raw, max_images=lim.max_images, max_id_len=lim.max_product_id_len)
         if ev.type != "delete" and self._already_newer(ev, collection):
             # cheap early exit for duplicates and late arrivals; the guard re-checks at write
-            return Result(ev.product_id, ev.version, ev.type, "stale", 0)
+            return self._recorded(Result(ev.product_id, ev.version, ev.type, "stale", 0), collection)
         if ev.type == "delete":
             op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms, collection=collection)
         else:
             op = WriteOp(ev.product_id, ev.version, "upsert", self._rows(ev), published_at_ms=ev.published_at_ms, collection=collection)
-        outcome = self.write_batcher.submit(op).result()
-        return Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows))
+        # the batcher raises an IndexRejected result (Milvus refused this op's rows alone)
+        outcome = cast(Outcome, self.write_batcher.submit(op).result())
+        return self._recorded(Result(ev.product_id, ev.version, ev.type, outcome, len(op.rows)), collection)
+
+    def _recorded(self, res: Result, collection: str | None) -> Result:
+        """Keep a live event's outcome for ``cardigan events show`` (one key per product, with a
+        TTL so the state store stays bounded; best effort: the index is the truth)."""
+        ttl = self.settings.worker.outcome_ttl_s
+        if collection is None and ttl > 0:
+            doc = {"version": res.version, "type": res.type, "outcome": res.outcome, "vectors": res.images, "time": time.time()}
+            try:
+                self.state.set(OUTCOME_KEY.format(alias=self.settings.collection, product_id=res.product_id), json.dumps(doc), ex=ttl)
+            except redis.RedisError:
+                log.debug("outcome not recorded", exc_info=True)
+        return res
 
     def _already_newer(self, ev: Event, collection: str | None = None) -> bool:
         targets = [collection] if collection else self.writer.targets()
@@ -134,7 +158,12 @@ class Pipeline:
         field = f"images[{i}]"
         data = self.fetcher.fetch(img.uri, field=f"{field}.uri")
         tensor, _method = preprocess(
-            data, img.bbox, size=self.settings.encoder.image_size, max_pixels=self.settings.limits.max_image_pixels, field_prefix=field
+            data,
+            img.bbox,
+            size=self.settings.encoder.image_size,
+            max_pixels=self.settings.limits.max_image_pixels,
+            max_bytes=self.settings.limits.max_decode_bytes,
+            field_prefix=field,
         )
         return tensor
 

@@ -46,7 +46,9 @@ def state() -> redis.Redis:
 
 
 def dead_letters() -> DeadLetters:
-    return DeadLetters(state())
+    """The dead-letter store, capped and with retention; drops show in the worker's metrics."""
+    w = settings().worker
+    return DeadLetters(state(), max_letters=w.dead_letter_max, retention_s=w.dead_letter_retention_s, on_drop=metrics.DEAD_LETTERS_DROPPED.inc)
 
 
 def pipeline() -> Pipeline:

@@ -14,22 +14,27 @@ from typing import Any, Literal
 
 import redis
 
-from cardigan.errors import StateUnavailable
+from cardigan.errors import IndexRejected, StateUnavailable
 from cardigan.event import primary_key
 from cardigan.guard import Held, VersionGuard
 from cardigan.index import Index
+from cardigan.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["applied", "stale"]
-REPAIR_ATTEMPTS = 4
+FRESHNESS_KEY = "cardigan:freshness_ms"
+TARGETS_KEY = "cardigan:write_targets:{alias}"
+# The last outcome of each product's live event (applied / stale), kept worker.outcome_ttl_s
+# seconds (workers/pipeline.py writes it, `cardigan events show` reads it)
+OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"
+TOMBSTONE_SWEEP_S = 60.0
+REPAIR_ATTEMPTS = 4  # a write that outlived its lock: repairs, each with a lock twice as long
 MAX_REPAIR_LOCK_MS = 600_000
 
 
 class LockLost(Exception):
-    """A repair's lock expired before it finished (internal: the repair tries again)."""
-FRESHNESS_KEY = "cardigan:freshness_ms"
-TARGETS_KEY = "cardigan:write_targets:{alias}"
+    """Our lock expired before a write (internal: the write is repaired, the repair tried again)."""
 
 
 @dataclass
@@ -63,65 +68,127 @@ def _newest(ops: list[WriteOp]) -> dict[str, WriteOp]:
 class IndexWriter:
     """Applies batches of WriteOps to every write target (the live collection, plus a reindex's)."""
 
-    def __init__(self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str) -> None:
+    def __init__(
+        self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str, tombstones: Tombstones | None = None
+    ) -> None:
         self._index = index
         self._guard = guard
         self._state = state
         self._max_images = max_images
         self._live = live
         self._targets_key = TARGETS_KEY.format(alias=index.alias)
+        self._tombstones = tombstones
+        self._swept_at = 0.0
 
     def targets(self) -> list[str]:
         """A reindex lists its collections here; otherwise the live one (read every batch)."""
         extra = sorted(self._state.smembers(self._targets_key))  # type: ignore[arg-type]
         return extra or [self._live]
 
-    def write_batch(self, ops: list[WriteOp]) -> list[Outcome]:
+    def write_batch(self, ops: list[WriteOp]) -> list[Outcome | IndexRejected]:
+        """Each op's outcome; an op whose rows Milvus refuses gets its own IndexRejected, and
+        the other ops of the batch are written without it."""
         targets = self.targets()
         by_collection: dict[str, list[WriteOp]] = {}
         for op in ops:
             for collection in [op.collection] if op.collection else targets:
                 by_collection.setdefault(collection, []).append(op)
         applied_any: set[int] = set()
+        rejected: dict[int, IndexRejected] = {}
         for collection in sorted(by_collection):
-            applied = self._write_one(collection, _newest(by_collection[collection]))
+            applied, refused = self._write_one(collection, _newest(by_collection[collection]))
             applied_any |= {id(op) for op in applied}
-        self._record_freshness([op for op in ops if id(op) in applied_any])
-        return ["applied" if id(op) in applied_any else "stale" for op in ops]
+            rejected.update(refused)
+        self._record_freshness([op for op in ops if id(op) in applied_any and id(op) not in rejected])
+        self._sweep_tombstones(sorted(by_collection))
+        return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
-    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> list[WriteOp]:
+    def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> tuple[list[WriteOp], dict[int, IndexRejected]]:
+        applied: list[WriteOp] = []
+        rejected: dict[int, IndexRejected] = {}
+        lock_lost = False
         with self._guard.locked(collection, newest) as held:
             current = self._guard.versions(collection, list(newest))
             todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
             if not todo:
-                return []
-            refused = self._fenced_write(collection, held, todo)
-        if not refused:
-            return todo
-        lost = [op for op in todo if op.product_id in refused]
+                return [], {}
+            if held.takeovers:  # the previous holder's write may land after ours: keep ours to redo
+                kept = {op.product_id: (op.version, op.rows) for op in todo if op.product_id in held.takeovers and op.kind == "upsert"}
+                self._guard.journal(collection, kept)
+            try:
+                self._apply(collection, held, todo, applied, rejected)
+            except LockLost:
+                lock_lost = True
+            finally:  # what landed is recorded even when a later part failed transiently
+                recorded = {op.product_id: (op.version, op.kind) for op in applied}
+                refused = self._guard.record(collection, recorded, token=held.token)  # fenced: only while our lock holds
+                self._note_tombstones(collection, {p: v for p, v in recorded.items() if p not in refused})
+        landed = {id(op) for op in applied}
+        lost = [op for op in todo if id(op) not in rejected and (op.product_id in refused or (lock_lost and id(op) not in landed))]
+        if not lost:
+            return applied, rejected
         log.warning("lock expired during the write of %d product(s) in %s (e.g. %r): repairing", len(lost), collection, lost[0].product_id)
-        return [op for op in todo if op.product_id not in refused] + self._repair(collection, lost)
+        return [op for op in applied if op.product_id not in refused] + self._repair(collection, lost), rejected
 
-    def _fenced_write(self, collection: str, held: Held, todo: list[WriteOp]) -> set[str]:
-        """Write and record under the lock; returns the products whose lock expired meanwhile.
+    def _apply(self, collection: str, held: Held, ops: list[WriteOp], applied: list[WriteOp], rejected: dict[int, IndexRejected]) -> None:
+        """Write ``ops``; if Milvus refuses the data, bisect so only the refused ops fail.
 
-        The lock is renewed before each Milvus call (each call's timeout fits in the TTL); once a
-        lock is lost nothing more is written or recorded for anyone (the repair takes over).
+        One bad row fails the whole call it is in; halving finds it in log2(n) extra calls per
+        bad op, instead of n single-row calls. Transient errors are raised, not split.
         """
-        if held.takeovers:  # the previous holder's write may land after ours: keep ours to redo
-            self._guard.journal(collection, {op.product_id: (op.version, op.rows) for op in todo if op.product_id in held.takeovers and op.kind == "upsert"})
-        rows = [r for op in todo if op.kind == "upsert" for r in op.rows]
-        dels = [k for op in todo for k in op.delete_keys(self._max_images)]
-        for call, arg in ((self._index.upsert, rows), (self._index.delete, dels)):
-            if not arg:
-                continue
-            lost = self._guard.renew(collection, held)
-            if lost:
-                return {op.product_id for op in todo}
-            held.unsettled = True  # if the call fails, it may still land later
+        rows = [r for op in ops if op.kind == "upsert" for r in op.rows]
+        dels = [k for op in ops for k in op.delete_keys(self._max_images)]
+        try:
+            self._fenced_call(collection, held, self._index.upsert, rows)
+            self._fenced_call(collection, held, self._index.delete, dels)
+        except IndexRejected as e:
+            if len(ops) == 1:
+                log.warning("Milvus refused %s v%d: %s", ops[0].product_id, ops[0].version, e.reason)
+                rejected[id(ops[0])] = IndexRejected(f"product {ops[0].product_id} v{ops[0].version}: {e.reason}")
+                return
+            mid = len(ops) // 2
+            self._apply(collection, held, ops[:mid], applied, rejected)
+            self._apply(collection, held, ops[mid:], applied, rejected)
+            return
+        applied.extend(ops)
+
+    def _fenced_call(self, collection: str, held: Held, call: Any, arg: list[Any]) -> None:
+        """One Milvus write, only while our locks hold: renewed first (each call's timeout fits
+        in the TTL). A call that fails other than by a refusal may still land later: the
+        in-flight markers are then kept (``unsettled``), so the next writer journals its rows."""
+        if not arg:
+            return
+        if self._guard.renew(collection, held):
+            raise LockLost()
+        held.unsettled = True
+        try:
             call(collection, arg)
+        except IndexRejected:
             held.unsettled = False
-        return self._guard.record(collection, {op.product_id: (op.version, op.kind) for op in todo}, token=held.token)
+            raise
+        held.unsettled = False
+
+    def _note_tombstones(self, collection: str, recorded: dict[str, tuple[int, str]]) -> None:
+        if self._tombstones is None or not recorded:
+            return
+        try:
+            self._tombstones.note(collection, recorded)
+        except redis.RedisError:  # not noted: that tombstone is kept for ever, which is safe
+            log.debug("tombstone times not noted", exc_info=True)
+
+    def _sweep_tombstones(self, collections: list[str]) -> None:
+        """At most once a minute per process: cheap, and enough to keep Redis bounded."""
+        if self._tombstones is None or time.monotonic() - self._swept_at < TOMBSTONE_SWEEP_S:
+            return
+        self._swept_at = time.monotonic()
+        for c in collections:
+            try:
+                n = self._tombstones.sweep(c)
+            except redis.RedisError:
+                log.debug("tombstone sweep skipped", exc_info=True)
+                return
+            if n:
+                log.info("swept %d expired tombstones in %s", n, c)
 
     def _repair(self, collection: str, lost: list[WriteOp]) -> list[WriteOp]:
         """Our lock expired while our write was in flight: another writer may have written in
@@ -170,6 +237,7 @@ class IndexWriter:
             if self._guard.renew(collection, held) or self._guard.record(collection, ours, token=held.token):
                 raise LockLost()
             held.unsettled = False
+            self._note_tombstones(collection, ours)
         log.warning("repaired %d product(s) in %s: %d ours, %d another writer's", len(redo), collection, len(mine), len(redo) - len(mine))
         return mine
 

@@ -1,0 +1,295 @@
+"""What the search service does, without HTTP: one encoder, batched embeds and searches.
+
+Built once at app start (the model loads once), closed at shutdown. Every read goes through
+the alias (``CARDIGAN_COLLECTION``), so a blue/green reindex switch is picked up by the next
+query with no restart. Concurrent requests share forward passes through the workers' own
+:class:`~workers.batcher.MicroBatcher`, and share Milvus search calls through a second one.
+
+Near-duplicates ("double listings"): the catalog does not record double listings, so they are
+looked up in the index itself: two products are near-duplicates when one of their images
+scores at least ``serve.duplicate_threshold`` (cosine) against the other's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cardigan.crop import preprocess
+from cardigan.decode import sniff_format
+from cardigan.errors import IndexUnavailable, InvalidEvent
+from cardigan.event import primary_key
+from cardigan.fetch import Fetcher, make_s3_client
+from cardigan.index import OUTPUT_FIELDS, Index
+from cardigan.query import Hit, best_per_product
+from cardigan.serve.filters import BadRequest, filter_expression
+from config.settings import Settings
+from encoder import Encoder, build_encoder
+from workers.batcher import MicroBatcher
+
+log = logging.getLogger(__name__)
+
+SearchItem = tuple[list[float], int, str]  # vector, limit, filter expression
+
+IMAGE_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "gif": "image/gif",
+    "webp": "image/webp",
+    "bmp": "image/bmp",
+    "tiff": "image/tiff",
+    "avif": "image/avif",
+}
+
+
+_STAGES = (
+    ("prep", "decode+crop"),  # SearchService._prep: decode, crop, resize; index reads
+    ("serve-embed", "model"),  # the embed batcher: torch.stack + forward
+    ("serve-search", "milvus client"),  # the search batcher: gRPC request and response parsing
+    ("MainThread", "http"),  # uvicorn's event loop: HTTP, multipart, routing, JSON
+)
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's threads by stage (Linux /proc): where a query's CPU goes.
+
+    Threads Python does not know (torch's intra-op pool, gRPC's) count as "native"."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = names.get(int(tid))
+        stage = "native" if name is None else next((st for prefix, st in _STAGES if name.startswith(prefix)), "other")
+        out[stage] = out.get(stage, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
+@dataclass
+class DuplicateGroup:
+    """Products whose images are near-identical; ``score`` is the closest pair's."""
+
+    products: list[str]
+    score: float
+
+
+class SearchService:
+    """Owns the model, the index client, the image fetcher and two batchers."""
+
+    def __init__(self, settings: Settings, *, encoder: Encoder | None = None) -> None:
+        self.settings = settings  # no I/O here: start() does it
+        self.encoder = encoder or build_encoder(settings.encoder)
+        self.index: Index | None = None
+        self.fetcher: Fetcher | None = None
+        self.embedder: MicroBatcher[torch.Tensor, np.ndarray] | None = None
+        self.searcher: MicroBatcher[SearchItem, list[dict[str, Any]]] | None = None
+        self._prep = ThreadPoolExecutor(max(2, settings.worker.fetch_threads // 2), thread_name_prefix="prep")
+        self.started_at = 0.0
+        self._connect_lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> SearchService:
+        """Load the model (once) and start the batchers; Milvus is connected in the background,
+        so a Milvus that is down at start leaves the service up and ``/readyz`` saying why."""
+        s = self.settings
+        t0 = time.perf_counter()
+        self.encoder.load()
+        self.fetcher = Fetcher(make_s3_client(s.s3_endpoint_url, s.s3_region), max_bytes=s.limits.max_image_bytes, local_root=s.local_root)
+        self.embedder = MicroBatcher(
+            self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="serve-embed"
+        ).start()
+        # no wait: a search batch fills by itself while the previous Milvus call runs
+        self.searcher = MicroBatcher(
+            self._search, max_items=s.serve.search_batch, max_wait_s=0.0, name="serve-search", isolate_failures=False
+        ).start()
+        threading.Thread(target=self._connect_quietly, name="milvus-connect", daemon=True).start()
+        self.started_at = time.time()
+        log.info(
+            "search service: model %s on %s loaded in %.1fs; alias %s",
+            self.encoder.model_version,
+            self.encoder.device,
+            time.perf_counter() - t0,
+            s.collection,
+        )
+        return self
+
+    def _connect_quietly(self) -> None:
+        try:
+            self._index()
+        except IndexUnavailable as e:
+            log.warning("Milvus not reachable yet (%s); /readyz says so until it is", e.reason)
+
+    def close(self) -> None:
+        for b in (self.embedder, self.searcher):
+            if b is not None:
+                b.stop()
+        self._prep.shutdown(wait=False, cancel_futures=True)
+        if self.index is not None:
+            self.index.close()
+
+    def ready(self) -> dict[str, Any]:
+        """Model loaded and Milvus answering (raises IndexUnavailable when it does not)."""
+        idx = self._index()
+        try:
+            live = idx.live_collection()
+        except Exception as e:  # noqa: BLE001 - any gRPC failure means "not ready"
+            raise IndexUnavailable(f"Milvus does not answer: {type(e).__name__}") from e
+        return {
+            "model_loaded": self.encoder.loaded,
+            "model_version": self.encoder.model_version,
+            "alias": idx.alias,
+            "live_collection": live,
+        }
+
+    # -- batched stages -----------------------------------------------------------------
+
+    def _embed(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        return list(self.encoder.embed(torch.stack(tensors)))
+
+    def _search(self, items: list[SearchItem]) -> list[list[dict[str, Any]]]:
+        """One Milvus call per distinct filter, at the largest limit asked; each gets its own."""
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, (_, _, expr) in enumerate(items):
+            groups[expr].append(i)
+        out: list[list[dict[str, Any]]] = [[] for _ in items]
+        for expr, members in groups.items():
+            limit = max(items[i][1] for i in members)
+            res = self._index().search([items[i][0] for i in members], limit, filter=expr)
+            for i, rows in zip(members, res):
+                out[i] = rows[: items[i][1]]
+        return out
+
+    def _index(self) -> Index:
+        """The index client, connected on first need (and again after a failed attempt)."""
+        if self.index is None:
+            with self._connect_lock:
+                if self.index is None:
+                    s = self.settings
+                    self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        return self.index
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._prep, fn, *args)
+
+    async def _search_many(self, vectors: list[list[float]], limit: int, expr: str) -> list[list[dict[str, Any]]]:
+        assert self.searcher is not None
+        futs = [asyncio.wrap_future(self.searcher.submit((v, limit, expr))) for v in vectors]
+        return list(await asyncio.gather(*futs))
+
+    # -- queries ------------------------------------------------------------------------
+
+    async def search(
+        self, data: bytes, *, k: int, bbox: tuple[float, float, float, float] | None, filters: dict[str, list[str]]
+    ) -> list[Hit]:
+        """A photo (same decode, crop and limits as the workers) to the k closest products."""
+        expr = filter_expression(filters)
+        s = self.settings
+        tensor, _ = await self._run(
+            lambda: preprocess(data, bbox, size=self.encoder.image_size, max_pixels=s.limits.max_image_pixels, field_prefix="file")
+        )
+        assert self.embedder is not None
+        vec = await asyncio.wrap_future(self.embedder.submit(tensor))
+        (rows,) = await self._search_many([vec.tolist()], k * 4, expr)
+        return best_per_product(rows, k)
+
+    async def _own(self, product_id: str) -> list[dict[str, Any]]:
+        own = await self._run(self._index().get_product, product_id, self.settings.limits.max_images)
+        if not own:
+            raise BadRequest(f"product {product_id!r} is not in the index", field="product_id", status=404)
+        return list(own)
+
+    async def similar(self, product_id: str, *, k: int, filters: dict[str, list[str]]) -> list[Hit]:
+        """Products that look like this one: each of its vectors searched, best image per product."""
+        expr = filter_expression(filters)
+        own = await self._own(product_id)
+        res = await self._search_many([r["embedding"] for r in own], k * 4 + len(own), expr)
+        return best_per_product([r for rows in res for r in rows], k, exclude=product_id)
+
+    async def duplicates(self, product_id: str, *, k: int) -> list[Hit]:
+        """Near-duplicates of one product: similar items scoring at least the threshold."""
+        hits = await self.similar(product_id, k=k, filters={})
+        return [h for h in hits if h.score >= self.settings.serve.duplicate_threshold]
+
+    async def duplicate_groups(self, *, limit: int) -> tuple[list[DuplicateGroup], int]:
+        """Groups of near-duplicate products over (at most ``duplicates_scan``) vectors of the index."""
+        rows: list[dict[str, Any]] = await self._run(self._scan)
+        threshold = self.settings.serve.duplicate_threshold
+        parent: dict[str, str] = {}
+
+        def find(x: str) -> str:
+            while parent.setdefault(x, x) != x:
+                parent[x] = parent[parent[x]]
+                x = parent[x]
+            return x
+
+        pairs: list[tuple[str, str, float]] = []
+        results = await self._search_many([r["embedding"] for r in rows], 8, "") if rows else []
+        for row, hits in zip(rows, results):
+            pairs += [
+                (row["product_id"], h["product_id"], float(h["score"]))
+                for h in hits
+                if h["product_id"] != row["product_id"] and h["score"] >= threshold
+            ]
+        for a, b, _ in pairs:
+            ra, rb = find(a), find(b)
+            if ra != rb:
+                parent[ra] = rb
+        best: dict[str, float] = {}
+        for a, _, score in pairs:
+            root = find(a)
+            best[root] = max(best.get(root, -1.0), score)
+        members: dict[str, list[str]] = defaultdict(list)
+        for p in list(parent):
+            members[find(p)].append(p)
+        groups = [DuplicateGroup(sorted(ps), round(best.get(root, threshold), 6)) for root, ps in members.items() if len(ps) > 1]
+        groups.sort(key=lambda g: (-g.score, g.products))
+        return groups[:limit], len(rows)
+
+    def _scan(self) -> list[dict[str, Any]]:
+        idx = self._index()
+        out: list[dict[str, Any]] = []
+        for row in idx.iter_rows(batch=500, fields=["pk", "product_id", "image_index", "embedding"]):
+            out.append(row)
+            if len(out) >= self.settings.serve.duplicates_scan:
+                break
+        return out
+
+    async def products(self, ids: list[str]) -> dict[str, Hit]:
+        """Image 0 of each product, for pages that show groups (missing ids are left out)."""
+        pks = [primary_key(p, 0) for p in ids]
+        rows = await self._run(lambda: self._index().get(pks, OUTPUT_FIELDS))
+        return {r["product_id"]: Hit.from_row({**r, "score": 1.0}) for r in rows}
+
+    async def image(self, product_id: str, image_index: int) -> tuple[bytes, str]:
+        """A catalog image through the workers' fetcher: the browser needs no S3 access."""
+        if not 0 <= image_index < self.settings.limits.max_images:
+            raise BadRequest(f"must be 0..{self.settings.limits.max_images - 1}, got {image_index}", field="image_index")
+        rows = await self._run(lambda: self._index().get([primary_key(product_id, image_index)], ["image_uri"]))
+        if not rows:
+            raise BadRequest(f"product {product_id!r} has no image {image_index} in the index", field="product_id", status=404)
+        assert self.fetcher is not None
+        data: bytes = await self._run(lambda: self.fetcher.fetch(rows[0]["image_uri"], field="image"))  # type: ignore[union-attr]
+        fmt = sniff_format(data)
+        if fmt not in IMAGE_TYPES:
+            raise InvalidEvent("the stored object is not an image", field="image")
+        return data, IMAGE_TYPES[fmt]
