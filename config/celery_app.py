@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> Celery:
             "visibility_timeout": s.broker_visibility_timeout_s,
             "unacked_restore_interval": max(1, min(10, s.broker_visibility_timeout_s // 6)),
             "unacked_restore_throttle": 1,
+            "cardigan_owner_ttl_s": s.broker_owner_ttl_s,  # a crashed worker's messages return in seconds
         },
         broker_use_ssl=broker_tls(s.broker_url),  # certificate and host name checked
         broker_connection_retry_on_startup=True,

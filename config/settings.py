@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     # when the broker is Redis.
     state_url: str = ""
     broker_visibility_timeout_s: int = Field(3600, ge=10)
+    # Redis broker: a worker whose heartbeat is this old is dead, and its unacked messages go
+    # back to the queue at once (workers/redelivery.py), not after the visibility timeout
+    broker_owner_ttl_s: float = Field(10.0, ge=2, le=300)
     milvus_uri: str = "http://127.0.0.1:19530"
     milvus_token: SecretStr = SecretStr("")
     milvus_db: str = ""

@@ -71,3 +71,36 @@ def test_delete_keys_cover_what_a_product_can_own() -> None:
     up = WriteOp("p", 1, "upsert", rows=[{}, {}])
     assert up.delete_keys(4) == ["p#2", "p#3"]
     assert WriteOp("p", 2, "delete").delete_keys(3) == ["p#0", "p#1", "p#2"]
+
+
+def test_record_is_fenced_by_the_lock_token_and_never_goes_down(guard: VersionGuard) -> None:
+    with guard.locked("c", ["p"]) as held:
+        assert guard.record("c", {"p": (5, "upsert")}, token=held.token) == set()
+    assert guard.versions("c", ["p"]) == {"p": (5, "upsert")}
+    with guard.locked("c", ["p"]) as held:
+        assert guard.record("c", {"p": (4, "delete")}, token=held.token) == {"p"}  # older: refused
+        assert guard.record("c", {"p": (6, "delete")}, token="someone-else") == {"p"}  # not our lock
+    assert guard.record("c", {"p": (3, "upsert")}) == {"p"}  # no token: still never downwards
+    assert guard.versions("c", ["p"]) == {"p": (5, "upsert")}
+
+
+def test_an_expired_lock_cannot_record_or_renew_and_the_next_holder_sees_a_takeover(guard: VersionGuard) -> None:
+    slow = guard.locked("c", ["q"])
+    held = slow.__enter__()
+    time.sleep(2.3)  # the 2 s TTL runs out under a slow write
+    with guard.locked("c", ["q"], wait_s=1) as fresh:
+        assert fresh.takeovers == {"q"}  # the first holder never finished
+        assert guard.renew("c", held) == ["q"]
+        assert guard.record("c", {"q": (1, "upsert")}, token=held.token) == {"q"}
+        assert guard.record("c", {"q": (2, "delete")}, token=fresh.token) == set()
+        assert guard.renew("c", fresh) == []
+    slow.__exit__(None, None, None)
+    assert guard.versions("c", ["q"]) == {"q": (2, "delete")}
+    with guard.locked("c", ["q"]) as again:
+        assert again.takeovers == set()  # clean exits leave no marker
+
+
+def test_journal_keeps_a_takeovers_rows(guard: VersionGuard) -> None:
+    guard.journal("c", {"p": (7, [{"pk": "p#0", "version": 7}])})
+    assert guard.journaled("c", "p") == (7, [{"pk": "p#0", "version": 7}])
+    assert guard.journaled("c", "other") is None

@@ -27,6 +27,7 @@ from kombu.message import Message
 from vine import promise
 
 from cardigan.errors import PermanentError
+from workers import redelivery
 from workers.envelope import check_embed, check_envelope, check_task_id, neutralise
 
 log = logging.getLogger(__name__)
@@ -118,7 +119,8 @@ class Consumer(CeleryConsumer):
         # channel raises AttributeError there ('NoneType' object has no attribute 'hostname').
         # Celery logs connection errors on ack/reject and goes on, but any other exception is
         # "unrecoverable": the worker exits. The message is still in the broker's unacked set and
-        # comes back after the visibility timeout (the version guard makes the redo harmless),
+        # comes back once the closed channel's heartbeat stops (workers/redelivery.py; the
+        # version guard makes the redo harmless),
         # so it is treated like the connection error it is. Only Request.acknowledge/reject use
         # this tuple (celery.worker.strategy).
         self.connection_errors = (*self.connection_errors, AttributeError)
@@ -129,13 +131,17 @@ class Consumer(CeleryConsumer):
         After a Redis broker drops the connection, Celery collects the connection and then closes
         it; kombu 5.7's Redis channel then tries to restore the prefetched messages through the
         collected connection (``client`` is None) and raises AttributeError, which Celery treats
-        as unrecoverable. Those messages are still in the broker's unacked set and come back
-        after the visibility timeout, so the close can be given up safely.
+        as unrecoverable. Those messages are still in the broker's unacked set, owned by the closed
+        channel, and come back within seconds (workers/redelivery.py), so the close can be given up.
         """
         try:
             super().on_connection_error_after_connected(exc)
         except AttributeError as e:
-            log.warning("closing the lost broker connection failed (%s); its prefetched messages return after the visibility timeout", e)
+            log.warning("closing the lost broker connection failed (%s); its prefetched messages return when its heartbeat stops", e)
+
+    def connection_for_read(self, heartbeat: Any = None) -> Any:
+        """The broker connection; on Redis, with owned deliveries (workers/redelivery.py)."""
+        return self.ensure_connected(redelivery.install(self.app.connection_for_read(heartbeat=heartbeat)))
 
     # -- the check before Celery's strategy ------------------------------------------------
 

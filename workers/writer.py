@@ -14,9 +14,9 @@ from typing import Any, Literal
 
 import redis
 
-from cardigan.errors import IndexRejected
+from cardigan.errors import IndexRejected, StateUnavailable
 from cardigan.event import primary_key
-from cardigan.guard import VersionGuard
+from cardigan.guard import Held, VersionGuard
 from cardigan.index import Index
 from cardigan.tombstones import Tombstones
 
@@ -29,6 +29,12 @@ TARGETS_KEY = "cardigan:write_targets:{alias}"
 # seconds (workers/pipeline.py writes it, `cardigan events show` reads it)
 OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"
 TOMBSTONE_SWEEP_S = 60.0
+REPAIR_ATTEMPTS = 4  # a write that outlived its lock: repairs, each with a lock twice as long
+MAX_REPAIR_LOCK_MS = 600_000
+
+
+class LockLost(Exception):
+    """Our lock expired before a write (internal: the write is repaired, the repair tried again)."""
 
 
 @dataclass
@@ -98,22 +104,33 @@ class IndexWriter:
         return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
     def _write_one(self, collection: str, newest: dict[str, WriteOp]) -> tuple[list[WriteOp], dict[int, IndexRejected]]:
-        with self._guard.locked(collection, newest):
+        applied: list[WriteOp] = []
+        rejected: dict[int, IndexRejected] = {}
+        lock_lost = False
+        with self._guard.locked(collection, newest) as held:
             current = self._guard.versions(collection, list(newest))
             todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
             if not todo:
                 return [], {}
-            applied: list[WriteOp] = []
-            rejected: dict[int, IndexRejected] = {}
+            if held.takeovers:  # the previous holder's write may land after ours: keep ours to redo
+                kept = {op.product_id: (op.version, op.rows) for op in todo if op.product_id in held.takeovers and op.kind == "upsert"}
+                self._guard.journal(collection, kept)
             try:
-                self._apply(collection, todo, applied, rejected)
+                self._apply(collection, held, todo, applied, rejected)
+            except LockLost:
+                lock_lost = True
             finally:  # what landed is recorded even when a later part failed transiently
                 recorded = {op.product_id: (op.version, op.kind) for op in applied}
-                self._guard.record(collection, recorded)
-                self._note_tombstones(collection, recorded)
+                refused = self._guard.record(collection, recorded, token=held.token)  # fenced: only while our lock holds
+                self._note_tombstones(collection, {p: v for p, v in recorded.items() if p not in refused})
+        landed = {id(op) for op in applied}
+        lost = [op for op in todo if id(op) not in rejected and (op.product_id in refused or (lock_lost and id(op) not in landed))]
+        if not lost:
             return applied, rejected
+        log.warning("lock expired during the write of %d product(s) in %s (e.g. %r): repairing", len(lost), collection, lost[0].product_id)
+        return [op for op in applied if op.product_id not in refused] + self._repair(collection, lost), rejected
 
-    def _apply(self, collection: str, ops: list[WriteOp], applied: list[WriteOp], rejected: dict[int, IndexRejected]) -> None:
+    def _apply(self, collection: str, held: Held, ops: list[WriteOp], applied: list[WriteOp], rejected: dict[int, IndexRejected]) -> None:
         """Write ``ops``; if Milvus refuses the data, bisect so only the refused ops fail.
 
         One bad row fails the whole call it is in; halving finds it in log2(n) extra calls per
@@ -122,18 +139,34 @@ class IndexWriter:
         rows = [r for op in ops if op.kind == "upsert" for r in op.rows]
         dels = [k for op in ops for k in op.delete_keys(self._max_images)]
         try:
-            self._index.upsert(collection, rows)
-            self._index.delete(collection, dels)
+            self._fenced_call(collection, held, self._index.upsert, rows)
+            self._fenced_call(collection, held, self._index.delete, dels)
         except IndexRejected as e:
             if len(ops) == 1:
                 log.warning("Milvus refused %s v%d: %s", ops[0].product_id, ops[0].version, e.reason)
                 rejected[id(ops[0])] = IndexRejected(f"product {ops[0].product_id} v{ops[0].version}: {e.reason}")
                 return
             mid = len(ops) // 2
-            self._apply(collection, ops[:mid], applied, rejected)
-            self._apply(collection, ops[mid:], applied, rejected)
+            self._apply(collection, held, ops[:mid], applied, rejected)
+            self._apply(collection, held, ops[mid:], applied, rejected)
             return
         applied.extend(ops)
+
+    def _fenced_call(self, collection: str, held: Held, call: Any, arg: list[Any]) -> None:
+        """One Milvus write, only while our locks hold: renewed first (each call's timeout fits
+        in the TTL). A call that fails other than by a refusal may still land later: the
+        in-flight markers are then kept (``unsettled``), so the next writer journals its rows."""
+        if not arg:
+            return
+        if self._guard.renew(collection, held):
+            raise LockLost()
+        held.unsettled = True
+        try:
+            call(collection, arg)
+        except IndexRejected:
+            held.unsettled = False
+            raise
+        held.unsettled = False
 
     def _note_tombstones(self, collection: str, recorded: dict[str, tuple[int, str]]) -> None:
         if self._tombstones is None or not recorded:
@@ -156,6 +189,57 @@ class IndexWriter:
                 return
             if n:
                 log.info("swept %d expired tombstones in %s", n, c)
+
+    def _repair(self, collection: str, lost: list[WriteOp]) -> list[WriteOp]:
+        """Our lock expired while our write was in flight: another writer may have written in
+        between, and our write may have landed over theirs. Under a fresh lock, whichever is
+        newest (ours, or the recorded one) is written again; returns our ops that won.
+
+        Milvus was slower than the lock TTL just now, so each attempt holds its lock twice as
+        long as the one before (a repair that cannot finish would leave the index wrong).
+        """
+        ttl = self._guard.lock_ttl_ms
+        for attempt in range(1, REPAIR_ATTEMPTS + 1):
+            ttl = min(2 * ttl, MAX_REPAIR_LOCK_MS)
+            try:
+                return self._repair_once(collection, lost, ttl)
+            except LockLost:
+                log.warning("repair attempt %d in %s outlived its %.0f s lock; trying again", attempt, collection, ttl / 1000)
+        raise StateUnavailable(f"could not repair {len(lost)} product(s) in {collection}: Milvus slower than a {ttl / 1000:.0f} s lock")
+
+    def _repair_once(self, collection: str, lost: list[WriteOp], ttl_ms: int) -> list[WriteOp]:
+        newest = {op.product_id: op for op in lost}
+        with self._guard.locked(collection, newest, wait_s=self._guard.lock_ttl_ms / 1000 * 4, ttl_ms=ttl_ms) as held:
+            current = self._guard.versions(collection, list(newest))
+            mine = [op for pid, op in newest.items() if current[pid] is None or op.version >= current[pid][0]]  # type: ignore[index]
+            redo = list(mine)
+            for pid, rec in current.items():
+                if pid in {op.product_id for op in mine} or rec is None:
+                    continue
+                version, kind = rec
+                if kind == "delete":
+                    redo.append(WriteOp(pid, version, "delete"))
+                    continue
+                kept = self._guard.journaled(collection, pid)
+                if kept is None or kept[0] != version:
+                    log.error("cannot repair %r in %s: the rows of v%d were not journaled; the next event for it fixes it", pid, collection, version)
+                    continue
+                redo.append(WriteOp(pid, version, "upsert", rows=kept[1]))
+            rows = [r for op in redo if op.kind == "upsert" for r in op.rows]
+            dels = [k for op in redo for k in op.delete_keys(self._max_images)]
+            held.unsettled = True  # until the repair is recorded, a later taker journals its rows
+            for call, arg in ((self._index.upsert, rows), (self._index.delete, dels)):
+                if arg:
+                    if self._guard.renew(collection, held):
+                        raise LockLost()
+                    call(collection, arg)
+            ours = {op.product_id: (op.version, op.kind) for op in mine if current[op.product_id] is None or op.version > current[op.product_id][0]}  # type: ignore[index]
+            if self._guard.renew(collection, held) or self._guard.record(collection, ours, token=held.token):
+                raise LockLost()
+            held.unsettled = False
+            self._note_tombstones(collection, ours)
+        log.warning("repaired %d product(s) in %s: %d ours, %d another writer's", len(redo), collection, len(mine), len(redo) - len(mine))
+        return mine
 
     def _record_freshness(self, ops: list[WriteOp]) -> None:
         now = int(time.time() * 1000)
