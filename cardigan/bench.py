@@ -769,6 +769,10 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         enc = build_encoder(base.encoder).load()
         device = str(enc.device)
         ceil_before = Ceiling.measure(enc, pool.jpegs, base.limits.max_image_pixels)
+        fwd_torch: float | None = None
+        if opts.compare_torch and enc.runtime != "torch":
+            say("the model alone on the torch runtime")
+            fwd_torch = forward_only(build_encoder(base.encoder.model_copy(update={"runtime": "torch"})).load())[0]
         servers = {name: st["pid"] for name, st in stack.status().items() if st.get("pid")}
 
         events = [pool.event(f"e-{i}", i) for i in range(opts.events)]
@@ -877,6 +881,7 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
             "naive_images_per_s": round(naive_run.images_per_s, 1) if naive_run else None,
             "speedup_vs_naive": round(run.images_per_s / naive_run.images_per_s, 2) if naive_run else None,
             "forward_only_images_per_s": round(fwd, 1),
+            "forward_only_images_per_s_torch": round(fwd_torch, 1) if fwd_torch else None,
             "decode_only_images_per_s": round(dec, 1),
             "forward_only_torch_threads": ceil.forward_threads if device.startswith("cpu") else None,
             "ceiling_images_per_s_before": round(ceil_before.images_per_s(enc.device.type), 1),
