@@ -307,7 +307,8 @@ def forward_only(enc: Encoder) -> tuple[float, float, int]:
         return s.batch_size
 
     default = torch.get_num_threads()
-    candidates = [default] if enc.device.type == "cuda" else sorted({1, default}, reverse=True)
+    # CUDA, and ONNX Runtime (its session's threads are fixed at load): one candidate
+    candidates = [default] if enc.device.type == "cuda" or enc.runtime != "torch" else sorted({1, default}, reverse=True)
     best = (0.0, 0.0, default)
     try:
         for threads in candidates:

@@ -106,7 +106,9 @@ def test_export_is_cached_per_model_version(tmp_path: Path, monkeypatch: pytest.
 
 
 @pytest.mark.parametrize("damage", ["garbage", "another model"])
-def test_a_bad_cache_file_is_exported_again_loudly(tmp_path: Path, damage: str, on_torch: Encoder, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_bad_cache_file_is_exported_again_loudly(
+    tmp_path: Path, damage: str, on_torch: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
     path = onnx_runtime.cache_path(tmp_path, on_torch.model_version, on_torch.fingerprint or "")
     if damage == "garbage":
         path.write_bytes(b"\x08\x07not an onnx file")
