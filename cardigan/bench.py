@@ -54,6 +54,7 @@ KEY_PREFIX = "bench"
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio_to_ceiling": (">=", 0.75),
     "speedup_vs_naive": (">=", 1.0),
+    "speedup_vs_torch": (">=", 1.8),  # issue 14: onnxruntime against torch, same pipeline, same run
     "freshness_p99_ms": ("<", 2000.0),
     "soak_rss_growth_pct": ("<", 10.0),
 }
@@ -80,6 +81,8 @@ class BenchOptions:
     batch_wait_ms: float | None = None
     fetch_threads: int | None = None  # fetch + decode threads per worker process
     torch_threads: int = 0  # intra-op threads per worker (OMP_NUM_THREADS); 0: torch's default
+    runtime: str | None = None  # encoder.runtime (torch | onnxruntime); None: the settings' default
+    compare_torch: bool = True  # onnxruntime: also run the batched pipeline on torch (images_per_s_torch)
     pool: int = 200  # distinct products rendered; events reuse their photos
     warmup: int = 40  # events through each fresh worker before timing
     fresh_seconds: float = 15.0  # 0 skips the freshness phase
@@ -304,7 +307,8 @@ def forward_only(enc: Encoder) -> tuple[float, float, int]:
         return s.batch_size
 
     default = torch.get_num_threads()
-    candidates = [default] if enc.device.type == "cuda" else sorted({1, default}, reverse=True)
+    # CUDA, and ONNX Runtime (its session's threads are fixed at load): one candidate
+    candidates = [default] if enc.device.type == "cuda" or enc.runtime != "torch" else sorted({1, default}, reverse=True)
     best = (0.0, 0.0, default)
     try:
         for threads in candidates:
@@ -716,6 +720,8 @@ def _worker_env(opts: BenchOptions, **extra: str) -> dict[str, str]:
         env["CARDIGAN_WORKER__PREFETCH_MULTIPLIER"] = str(opts.prefetch)
     if opts.fetch_threads is not None:
         env["CARDIGAN_WORKER__FETCH_THREADS"] = str(opts.fetch_threads)
+    if opts.runtime is not None:
+        env["CARDIGAN_ENCODER__RUNTIME"] = opts.runtime
     if opts.torch_threads:
         # read by torch's OpenMP pool at its first parallel region: before any model runs
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.torch_threads)
@@ -736,6 +742,8 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
 
     if opts.events < 1:
         raise BenchError("--events must be at least 1")
+    if opts.runtime not in (None, "torch", "onnxruntime"):
+        raise BenchError(f"--runtime must be torch or onnxruntime, not {opts.runtime!r}")
     if opts.s3 not in S3_MODES:
         raise BenchError(f"--s3 must be one of {', '.join(S3_MODES)}, not {opts.s3!r}")
     with contextlib.ExitStack() as cleanup:
@@ -762,6 +770,10 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         enc = build_encoder(base.encoder).load()
         device = str(enc.device)
         ceil_before = Ceiling.measure(enc, pool.jpegs, base.limits.max_image_pixels)
+        fwd_torch: float | None = None
+        if opts.compare_torch and enc.runtime != "torch":
+            say("the model alone on the torch runtime")
+            fwd_torch = forward_only(build_encoder(base.encoder.model_copy(update={"runtime": "torch"})).load())[0]
         servers = {name: st["pid"] for name, st in stack.status().items() if st.get("pid")}
 
         events = [pool.event(f"e-{i}", i) for i in range(opts.events)]
@@ -820,6 +832,23 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         rss_end = batched.worker_rss_mb()
         batched.close()
 
+        torch_run: RunResult | None = None
+        if opts.compare_torch and enc.runtime != "torch":
+            say("the same batched pipeline on the torch runtime")
+            on_torch = phase("torch", 4, CARDIGAN_ENCODER__RUNTIME="torch")
+            warmed(on_torch)
+            torch_run = run_through(
+                on_torch,
+                events,
+                images,
+                expect_rows=warm_rows + images,
+                progress=progress,
+                label="torch runtime",
+                timeout=opts.drain_timeout_s,
+                servers=servers,
+            )
+            on_torch.close()
+
         naive_run: RunResult | None = None
         if opts.naive:
             say("naive pipeline: one image per forward pass, one Milvus write per event")
@@ -847,9 +876,13 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         out = {
             "images_per_s": round(run.images_per_s, 1),
             "events_per_s": round(run.events_per_s, 1),
+            "runtime": enc.runtime,  # what ran the forward pass measured as images_per_s
+            "images_per_s_torch": round(torch_run.images_per_s, 1) if torch_run else None,
+            "speedup_vs_torch": round(run.images_per_s / torch_run.images_per_s, 2) if torch_run else None,
             "naive_images_per_s": round(naive_run.images_per_s, 1) if naive_run else None,
             "speedup_vs_naive": round(run.images_per_s / naive_run.images_per_s, 2) if naive_run else None,
             "forward_only_images_per_s": round(fwd, 1),
+            "forward_only_images_per_s_torch": round(fwd_torch, 1) if fwd_torch else None,
             "decode_only_images_per_s": round(dec, 1),
             "forward_only_torch_threads": ceil.forward_threads if device.startswith("cpu") else None,
             "ceiling_images_per_s_before": round(ceil_before.images_per_s(enc.device.type), 1),
@@ -950,6 +983,10 @@ def bench(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),
     profile: bool = typer.Option(False, "--profile", help="also report the workers' CPU time per stage"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+    runtime: str | None = typer.Option(None, "--runtime", help="torch | onnxruntime (default: settings, CARDIGAN_ENCODER__RUNTIME)"),
+    compare_torch: bool = typer.Option(
+        True, "--compare-torch/--no-compare-torch", help="on onnxruntime, also run the batched pipeline on torch (images_per_s_torch)"
+    ),
 ) -> None:
     """Measure throughput, batching gain, freshness and worker memory of the whole pipeline."""
     err = Console(stderr=True)
@@ -957,7 +994,7 @@ def bench(
         events=events, model=model, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
         prefetch=prefetch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, fetch_threads=fetch_threads,
         torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, pool=pool, data_dir=data_dir,
-        profile=profile,
+        profile=profile, runtime=runtime, compare_torch=compare_torch,
     )  # fmt: skip
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
     try:

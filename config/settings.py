@@ -39,6 +39,11 @@ class EncoderSettings(BaseModel):
     # On CPU, run the forward pass as a traced, frozen TorchScript graph: it runs without the
     # GIL, so the worker's fetch and decode threads do not stall the model (CUDA: eager + autocast)
     cpu_graph: bool = True
+    # What runs the forward pass on a CPU: "onnxruntime" (the network exported to ONNX at
+    # load, checked against torch, torch if the check fails) or "torch". CUDA always runs torch.
+    runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    # Where exported ONNX files are cached (one per model version and weights); empty: ~/.cache/cardigan/onnx
+    onnx_cache_dir: str = ""
 
 
 class LimitSettings(BaseModel):

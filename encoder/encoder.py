@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from config.settings import EncoderSettings
+from encoder import onnx_runtime
 from encoder.checkpoint import file_sha256, read_checkpoint
 from encoder.model import (
     EMBEDDING_DIM,
@@ -156,7 +157,8 @@ class Encoder:
         self._lock = threading.Lock()
         self._net: EmbeddingNet | None = None  # the module (weights, checkpoints)
         self._runner: nn.Module | None = None  # what embed() calls: the net or its frozen graph
-        self._graph: str = "eager"  # or "torchscript" once a frozen graph runs
+        self._graph: str = "eager"  # or "torchscript" once a frozen graph runs, or "onnxruntime"
+        self._ort: Any = None  # an onnxruntime.InferenceSession when encoder.runtime=onnxruntime serves
         self._device: torch.device | None = None
         self._autocast: torch.dtype | None = None
         self._version: str | None = None
@@ -195,6 +197,11 @@ class Encoder:
         return self._source.kind == "random"
 
     @property
+    def runtime(self) -> str:
+        """What runs the forward pass once loaded: "onnxruntime" or "torch" (the fallback too)."""
+        return "onnxruntime" if self._ort is not None else "torch"
+
+    @property
     def loaded(self) -> bool:
         return self._net is not None
 
@@ -217,7 +224,14 @@ class Encoder:
             net.eval()
             autocast = self._autocast_dtype(device)
             runner: nn.Module = net
-            if device.type == "cpu" and self._settings.cpu_graph:
+            if self._settings.runtime == "onnxruntime":
+                if device.type == "cpu":
+                    self._ort = self._onnx_session(net)
+                else:
+                    log.info("encoder.runtime=onnxruntime applies on CPU only: running torch on %s", device)
+            if self._ort is not None:
+                self._graph = "onnxruntime"
+            elif device.type == "cpu" and self._settings.cpu_graph:
                 runner = self._frozen_graph(net)
             if device.type == "cuda":
                 runner = net = net.to(device=device, memory_format=torch.channels_last)
@@ -239,6 +253,9 @@ class Encoder:
         self._check_batch(batch)
         if batch.shape[0] == 0:
             return np.empty((0, self.dim), dtype=np.float32)
+        if self._ort is not None:
+            x = batch.detach().to(torch.float32).contiguous().numpy()
+            return onnx_runtime.run(self._ort, x)
         with torch.inference_mode():
             out = self._forward(runner, batch, self.device, self._autocast)
             return out.to("cpu", torch.float32).numpy()
@@ -334,6 +351,27 @@ class Encoder:
             return net
         self._graph = "torchscript"
         return graph
+
+    def _onnx_session(self, net: EmbeddingNet) -> Any:
+        """The checked ONNX Runtime session for ``net``, or None (torch serves) with a warning
+        naming the reason. The vectors are the same, so the model version does not change."""
+        s = self._settings
+        cache_dir = Path(s.onnx_cache_dir).expanduser() if s.onnx_cache_dir else onnx_runtime.default_cache_dir()
+        assert self._fingerprint is not None
+        try:
+            session, path, exported = onnx_runtime.load_session(
+                net,
+                model_version=self.model_version,
+                fingerprint=self._fingerprint,
+                image_size=self.image_size,
+                cache_dir=cache_dir,
+                threads=torch.get_num_threads(),  # follows OMP_NUM_THREADS: the worker's thread split
+            )
+        except Exception as e:  # noqa: BLE001 -- any failure: serve on torch, loudly
+            log.warning("encoder.runtime=onnxruntime: falling back to torch: %s", e)
+            return None
+        log.info("encoder.runtime=onnxruntime: %s %s", "exported to" if exported else "reusing", path)
+        return session
 
     def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         name = self._settings.dtype

@@ -342,12 +342,13 @@ GOLDEN_FINGERPRINT = "3c4651676086312e"
 def test_cpu_graph_matches_eager_at_any_batch_size(mobilenet: Encoder) -> None:
     """The frozen TorchScript graph (the CPU default) gives the eager net's vectors, for
     batch sizes other than the one it was traced with."""
-    eager = build_encoder(make_settings(cpu_graph=False)).load()
-    assert isinstance(mobilenet._runner, torch.jit.ScriptModule) and mobilenet._graph == "torchscript"
+    graph = build_encoder(make_settings(runtime="torch")).load()
+    eager = build_encoder(make_settings(runtime="torch", cpu_graph=False)).load()
+    assert isinstance(graph._runner, torch.jit.ScriptModule) and graph._graph == "torchscript" and graph.runtime == "torch"
     assert eager._runner is eager._net and eager._graph == "eager"
-    assert eager.fingerprint == mobilenet.fingerprint
+    assert eager.fingerprint == graph.fingerprint == mobilenet.fingerprint
     for n in (1, 5, 17):
         x = images(n, seed=n)
-        a, b = mobilenet.embed(x), eager.embed(x)
+        a, b = graph.embed(x), eager.embed(x)
         assert a.shape == (n, 512)
         assert np.abs(a - b).max() < 1e-4
