@@ -348,11 +348,15 @@ class Channel(kombu_redis.Channel):
         self._in_poll = conn
         self._brpop_sent_at = time.monotonic()
         if self._idle:
-            # Block until the first queue has a message, without taking it (a same-list move
-            # from the right end to the right end changes nothing); the next take gets it.
+            # Block until the primary queue (the first one consumed: the live events queue in
+            # `cardigan worker` and the tests) has a message, without taking it (a same-list move
+            # from the right end to the right end changes nothing); the next take gets it. One
+            # key only (BLMOVE watches one list): the other queues (bulk) are taken from when the
+            # wait times out, within `timeout` (1 s). Rotating the watched queue instead left an
+            # idle worker deaf to live events for a second while it watched the bulk queue.
+            primary = self._q_for_pri(self._active_queues[0], 0) if self._active_queues else keys[0]
             self._pending = "wait"
-            self._queue_cycle.rotate(queues[0])  # the next wait watches the other queue
-            conn.send_command("BLMOVE", keys[0], keys[0], "RIGHT", "RIGHT", timeout or 1)
+            conn.send_command("BLMOVE", primary, primary, "RIGHT", "RIGHT", timeout or 1)
         else:
             self._pending = "take"
             fixed = [self.unacked_key, self.unacked_index_key, OWNER_OF_KEY, held_key(owner), OWNERS_KEY]
