@@ -13,7 +13,7 @@ from typing import Any
 
 import typer
 
-from cardigan.reach import state_url, talking_to
+from cardigan.reach import settings_or_exit, state_url, talking_to
 
 events_app = typer.Typer(help="What happened to a product's events: version, tombstone, vectors, last outcome.", no_args_is_help=True)
 
@@ -138,13 +138,8 @@ def show(
 ) -> None:
     """A product's recorded version, tombstone, vectors, last outcome and dead letters."""
     from cardigan.event import PRODUCT_ID_RE
-    from config.settings import load_settings
 
-    try:
-        s = load_settings()
-    except Exception as e:  # noqa: BLE001 - a settings error must read as one, not a traceback
-        typer.echo(f"configuration error: {e}", err=True)
-        raise typer.Exit(2) from None
+    s = settings_or_exit()
     if len(product_id) > s.limits.max_product_id_len or not PRODUCT_ID_RE.match(product_id):
         typer.echo(
             f"error: not a valid product id: {product_id!r} (letters, digits and . _ : -, at most {s.limits.max_product_id_len})", err=True

@@ -16,7 +16,7 @@ from typing import Any
 
 import typer
 
-from cardigan.reach import FIX
+from cardigan.reach import FIX, settings_or_exit
 
 
 def catalog_events(products: list[Any], bucket: str, prefix: str) -> list[dict[str, Any]]:
@@ -47,13 +47,8 @@ def example_catalog(
     from cardigan.catalog import generate_catalog, upload
     from cardigan.event import parse_event
     from cardigan.fetch import make_s3_client
-    from config.settings import load_settings
 
-    try:
-        s = load_settings()
-    except Exception as e:  # noqa: BLE001 - a settings error must read as one, not a traceback
-        typer.echo(f"configuration error: {e}", err=True)
-        raise typer.Exit(2) from None
+    s = settings_or_exit()
     endpoint = s.s3_endpoint_url or "AWS S3"
     typer.echo(f"cardigan: s3 {endpoint} (bucket {s.bucket}, prefix {prefix}/)", err=True)
     items = generate_catalog(products, seed=seed, prefix=prefix)

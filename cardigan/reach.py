@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from cardigan.errors import IndexUnavailable, StateUnavailable
-from config.settings import Settings, redact_url
+from config.settings import Settings, load_settings, redact_url
 
 EX_UNREACHABLE = 2
 FIX = 'start the stack with `eval "$(cardigan stack up)"`, or `source demo-out/demo.env` after `cardigan demo --keep`'
@@ -30,6 +30,15 @@ class Unreachable(Exception):
 
     def line(self) -> str:
         return f"cardigan: cannot reach the {self.what} at {self.url} ({self.detail}); {FIX}, or set {self.variable}"
+
+
+def settings_or_exit() -> Settings:
+    """The settings, or exit 2 with one line naming the bad value (never a traceback)."""
+    try:
+        return load_settings()
+    except Exception as e:  # noqa: BLE001 - a settings error must read as one, not a traceback
+        typer.echo(f"cardigan: configuration error: {e}", err=True)
+        raise typer.Exit(EX_UNREACHABLE) from None
 
 
 def state_url(settings: Settings) -> str:
