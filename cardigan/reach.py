@@ -91,7 +91,7 @@ def check_state(settings: Settings, *, attempts: int = 1, interval_s: float = 1.
 
     import redis
 
-    from cardigan.guard import make_redis
+    from cardigan.store.guard import make_redis
 
     url = state_url(settings)
     for i in range(attempts):

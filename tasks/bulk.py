@@ -18,7 +18,7 @@ import redis
 from celery import Task, shared_task
 
 from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, StateUnavailable, TransientError
-from cardigan.reindex import ReindexState
+from cardigan.ops.reindex import ReindexState
 from tasks.policy import backoff_s, count_delivery, dead_letter, never_lost, settle_for_retry
 from workers import metrics, runtime
 

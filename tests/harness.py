@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cardigan.deadletter import DeadLetters
-from cardigan.fetch import make_s3_client
-from cardigan.guard import make_redis
-from cardigan.index import Index
-from cardigan.publish import Publisher
+from cardigan.imaging.fetch import make_s3_client
+from cardigan.ops.publish import Publisher
+from cardigan.store.deadletter import DeadLetters
+from cardigan.store.guard import make_redis
+from cardigan.store.index import Index
 from config.settings import Settings, patched_env, settings_from_env
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,13 +20,13 @@ import numpy as np
 import redis
 import torch
 
-from cardigan.crop import preprocess
 from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
-from cardigan.fetch import Fetcher, make_s3_client
-from cardigan.guard import VersionGuard, make_redis
-from cardigan.index import Index
-from cardigan.tombstones import Tombstones
+from cardigan.imaging.crop import preprocess
+from cardigan.imaging.fetch import Fetcher, make_s3_client
+from cardigan.store.guard import VersionGuard, make_redis
+from cardigan.store.index import Index
+from cardigan.store.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher

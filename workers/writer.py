@@ -16,9 +16,9 @@ import redis
 
 from cardigan.errors import IndexRejected, StateUnavailable
 from cardigan.event import primary_key
-from cardigan.guard import Held, VersionGuard
-from cardigan.index import Index
-from cardigan.tombstones import Tombstones
+from cardigan.store.guard import Held, VersionGuard
+from cardigan.store.index import Index
+from cardigan.store.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
