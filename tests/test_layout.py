@@ -51,3 +51,17 @@ def test_domain_modules_import_without_devkit() -> None:
     probe = _PROBE.format(forbidden=FORBIDDEN, modules=modules)
     r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_devkit_commands_without_the_extra_say_how_to_install_it(tmp_path: Path) -> None:
+    """Without the [devkit] servers, `cardigan stack status` exits 2 with the pip line (no traceback)."""
+    probe = (
+        "import sys; sys.modules['moto'] = None\n"  # find_spec() is None: as if the extra were not installed
+        "from cardigan.cli import main\n"
+        f"sys.argv = ['cardigan', 'stack', 'status', '--data-dir', {str(tmp_path)!r}]\n"
+        "main()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "pip install 'cardigan[devkit]'" in r.stderr and "moto" in r.stderr
+    assert "Traceback" not in r.stderr
