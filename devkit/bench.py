@@ -1,6 +1,6 @@
 """``cardigan bench``: what the whole pipeline does on this machine, measured in one run.
 
-Brings up a temporary embedded stack (Valkey, Milvus Lite server, moto S3), renders a pool of
+Brings up a temporary embedded stack (Valkey, Milvus Lite server, rclone or moto S3), renders a pool of
 synthetic product photos, uploads them, and then measures, on the same machine in the same
 run:
 
@@ -49,11 +49,11 @@ FRESHNESS_KEY = "cardigan:freshness_ms"  # workers.writer.FRESHNESS_KEY (kept im
 STATS_KEY = "cardigan:stats:{alias}"  # workers.pipeline.STATS_KEY
 KEY_PREFIX = "bench"
 
-# Targets of issue 4 (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.
+# Targets (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio_to_ceiling": (">=", 0.75),
     "speedup_vs_naive": (">=", 1.0),
-    "speedup_vs_torch": (">=", 1.8),  # issue 14: onnxruntime against torch, same pipeline, same run
+    "speedup_vs_torch": (">=", 1.8),  # onnxruntime against torch, same pipeline, same run
     "freshness_p99_ms": ("<", 2000.0),
     "soak_rss_growth_pct": ("<", 10.0),
 }
@@ -939,7 +939,7 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
 
 
 def results_table(res: dict[str, Any]) -> Table:
-    """The numbers, with the targets of issue 4 beside the ones that have one."""
+    """The numbers, with the targets beside the ones that have one."""
     t = Table(
         title=f"cardigan bench: {res['model']} at {res['image_size']} px on {res['device']}, {res['events']} events ({res['images']} images)"
     )

@@ -80,12 +80,6 @@ class Product(Protocol):
 
 
 @dataclass(frozen=True)
-class TrainPhoto:
-    data: bytes = field(repr=False)
-    bbox: tuple[float, float, float, float] | None = None
-
-
-@dataclass(frozen=True)
 class TrainProduct:
     """A training product from any source: photos of one product, at least one."""
 
