@@ -15,9 +15,9 @@ from typing import Any
 import typer
 
 from cardigan.errors import IndexUnavailable, StateUnavailable
+from cardigan.keys import EX_UNREACHABLE
 from config.settings import Settings, load_settings, redact_url
 
-EX_UNREACHABLE = 2
 FIX = 'start the stack with `eval "$(cardigan stack up)"`, or `source demo-out/demo.env` after `cardigan demo --keep`'
 
 

@@ -40,13 +40,12 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cardigan.errors import CardiganError
+from cardigan.keys import FRESHNESS_KEY, STATS_KEY
 from config.settings import settings_from_env
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
     from encoder import Encoder
 
-FRESHNESS_KEY = "cardigan:freshness_ms"  # workers.writer.FRESHNESS_KEY (kept import-free)
-STATS_KEY = "cardigan:stats:{alias}"  # workers.pipeline.STATS_KEY
 KEY_PREFIX = "bench"
 
 # Targets (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.

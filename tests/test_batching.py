@@ -130,8 +130,8 @@ def test_bench_helpers() -> None:
     from devkit import bench
     from workers import writer
 
-    # the bench reads what the workers write, under the same keys
-    assert bench.STATS_KEY == STATS_KEY and bench.FRESHNESS_KEY == writer.FRESHNESS_KEY
+    # the bench reads what the workers write, under the same keys (cardigan.keys)
+    assert bench.STATS_KEY is STATS_KEY and bench.FRESHNESS_KEY is writer.FRESHNESS_KEY
     # each pipeline stage's threads map to their stage (Pipeline names them; Celery's pool too)
     assert [bench._thread_group(n) for n in ("fetch_3", "embed", "write", "ThreadPoolExecutor-0_7", "MainThread", None)] == [
         "fetch+decode",

@@ -65,3 +65,12 @@ def test_devkit_commands_without_the_extra_say_how_to_install_it(tmp_path: Path)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "pip install 'cardigan[devkit]'" in r.stderr and "moto" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_row_schema_vector_size_is_the_encoders() -> None:
+    from cardigan.store.schema import DIM, OUTPUT_FIELDS, collection_schema
+    from encoder.model import EMBEDDING_DIM
+
+    assert DIM == EMBEDDING_DIM
+    names = [f.name for f in collection_schema().fields]
+    assert names == [*OUTPUT_FIELDS, "embedding"]

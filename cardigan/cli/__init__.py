@@ -18,10 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardigan.errors import CardiganError
+from cardigan.keys import EX_CONFIG
 from cardigan.reach import EX_UNREACHABLE, check_broker, check_state, exit_line, state_url, talking_to
 from config.settings import Settings, load_settings
-
-EX_CONFIG = 78  # a worker's exit status for a configuration error (workers/runtime.py)
 
 app = typer.Typer(help="Keep a visual-search index of product images live.", no_args_is_help=True, pretty_exceptions_enable=False)
 dead_app = typer.Typer(help="Dead letters: events that could not be indexed, with their reasons.", no_args_is_help=True)

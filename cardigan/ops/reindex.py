@@ -38,6 +38,7 @@ import redis
 
 from cardigan.errors import CardiganError
 from cardigan.event import primary_key
+from cardigan.keys import BULK_TASK, TARGETS_KEY
 from cardigan.ops.snapshot import (
     Item,
     SourceSpec,
@@ -55,8 +56,6 @@ log = logging.getLogger(__name__)
 
 STATE_KEY = "cardigan:reindex:{alias}"
 DONE_KEY = "cardigan:reindex:{alias}:chunks"
-TARGETS_KEY = "cardigan:write_targets:{alias}"  # the writer's (workers/writer.py), read every batch
-BULK_TASK = "cardigan.index_bulk"
 
 Phase = Literal["filling", "verifying", "switching", "switched", "done", "aborted"]
 ACTIVE_PHASES = ("filling", "verifying", "switching")
