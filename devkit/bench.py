@@ -407,17 +407,19 @@ class Phase:
 
     def start_workers(self, n: int, concurrency: int, timeout: float, *, profile: bool = False) -> None:
         """``profile``: each worker writes its CPU time per thread group to <log dir>/<name>-worker<i>.cpu.json."""
-        from cardigan.cli import worker_argv
+        from workers.launch import CELERY, celery_worker_argv
 
         s = self.settings
+        # profile: the same celery command, with a thread that records CPU time per thread group
+        launcher = (sys.executable, "-c", "from devkit.bench import profiled_celery; profiled_celery()") if profile else CELERY
         for i in range(n):
             log = self.log_dir / f"{self.name}-worker{i}.log"
-            argv = worker_argv(s, i, queues=[s.queue], concurrency=concurrency, loglevel="INFO")
-            argv[argv.index("-n") + 1] = f"{self.name}{i}@%h"
+            argv = celery_worker_argv(
+                queues=[s.queue], concurrency=concurrency, prefetch=s.worker.prefetch_multiplier,
+                node=f"{self.name}{i}@%h", task_events=True, launcher=launcher,
+            )  # fmt: skip
             env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
             if profile:
-                # the same celery command, with a thread that records CPU time per thread group
-                argv[1:3] = ["-c", "from devkit.bench import profiled_celery; profiled_celery()"]
                 env[PROFILE_ENV] = str(log.with_suffix(".cpu.json"))
                 self.profiles.append(log.with_suffix(".cpu.json"))
             with log.open("ab") as f:

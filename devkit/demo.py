@@ -211,13 +211,12 @@ class WorkerProc:
 def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Path, *, concurrency: int, threads: int) -> WorkerProc:
     """A threads-pool worker (one model, ``concurrency`` events in flight) with the demo's env."""
     name = f"demo{i}"
-    argv = [
-        sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
-        "--prefetch-multiplier", str(settings.worker.prefetch_multiplier),
-        "-Q", f"{settings.queue},{settings.bulk_queue}", "-n", f"{name}@%h",
-        "--without-gossip", "--without-mingle", "-l", "INFO",
-    ]  # fmt: skip
+    from workers.launch import celery_worker_argv
+
+    argv = celery_worker_argv(
+        queues=[settings.queue, settings.bulk_queue], concurrency=concurrency,
+        prefetch=settings.worker.prefetch_multiplier, node=f"{name}@%h",
+    )  # fmt: skip
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     # W model processes on C cores: give each its share, or torch oversubscribes the CPU
     full_env.setdefault("OMP_NUM_THREADS", str(threads))

@@ -64,3 +64,19 @@ def test_retry_delay_is_full_jitter_under_the_cap() -> None:
         delays = [retry_delay_s(retries, W) for _ in range(200)]
         assert all(0 <= d <= min(W.retry_backoff_max_s, W.retry_backoff_s * 2**retries) for d in delays)
     assert max(retry_delay_s(10, W) for _ in range(200)) > 1.0  # grows past the base, up to the cap
+
+
+def test_one_worker_launcher() -> None:
+    """CLI, demo, bench and tests start workers with the same celery argv (workers.launch)."""
+    import sys
+
+    from cardigan.cli import worker_argv
+    from config.settings import Settings
+    from workers.launch import celery_worker_argv
+
+    s = Settings()
+    cli = worker_argv(s, 1, queues=["a", "b"], concurrency=4, loglevel="INFO")
+    assert cli == celery_worker_argv(queues=["a", "b"], concurrency=4, prefetch=s.worker.prefetch_multiplier, node="cardigan1@%h", task_events=True)
+    assert cli[:3] == [sys.executable, "-m", "celery"] and "-E" in cli and cli[cli.index("-Q") + 1] == "a,b"
+    profiled = celery_worker_argv(queues=["a"], concurrency=1, prefetch=1, node="x@h", launcher=("py", "-c", "code"))
+    assert profiled[:3] == ["py", "-c", "code"] and "-E" not in profiled

@@ -109,13 +109,12 @@ def _valid(pub: Any, raw: Any) -> bool:
 
 def worker_argv(settings: Settings, index: int, *, queues: list[str], concurrency: int, loglevel: str) -> list[str]:
     """The celery command for one worker process (threads pool: one model, many events)."""
-    return [
-        sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
-        "--prefetch-multiplier", str(settings.worker.prefetch_multiplier),
-        "-Q", ",".join(queues), "-n", f"cardigan{index}@%h",
-        "--without-gossip", "--without-mingle", "-E", "-l", loglevel,
-    ]  # fmt: skip
+    from workers.launch import celery_worker_argv
+
+    return celery_worker_argv(
+        queues=queues, concurrency=concurrency, prefetch=settings.worker.prefetch_multiplier,
+        node=f"cardigan{index}@%h", loglevel=loglevel, task_events=True,
+    )  # fmt: skip
 
 
 def worker_env(processes: int, environ: Mapping[str, str], cores: int | None = None) -> dict[str, str]:
