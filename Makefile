@@ -15,8 +15,8 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@echo "== 1/2 installing torch and torchvision into $(VENV) (~5.5 GB; about 1-3 minutes from local disk)"
 	$(BIN)/pip install --progress-bar on torch==2.14.1 torchvision==0.29.1
-	@echo "== 2/2 installing cardigan and its dependencies (editable, with the dev tools)"
-	$(BIN)/pip install --progress-bar on -e '.[dev]'
+	@echo "== 2/2 installing cardigan and its dependencies (editable, with the dev tools and the devkit servers)"
+	$(BIN)/pip install --progress-bar on -e '.[dev,devkit]'
 	touch $(STAMP)
 	@echo "== installed; the command line is $(BIN)/cardigan (or: source $(BIN)/activate)"
 

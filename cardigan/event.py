@@ -158,10 +158,6 @@ class Event(BaseModel):
             raise ValueError(f"{size} bytes as JSON, over the Milvus JSON field limit of {MAX_ATTRIBUTES_BYTES} bytes")
         return v
 
-    def keys(self, max_images: int) -> list[str]:
-        """Every primary key this product can own: ``id#0 … id#K-1``."""
-        return [primary_key(self.product_id, i) for i in range(max_images)]
-
 
 def primary_key(product_id: str, index: int) -> str:
     """Deterministic key: a redelivered event overwrites, never duplicates."""

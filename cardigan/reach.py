@@ -15,9 +15,9 @@ from typing import Any
 import typer
 
 from cardigan.errors import IndexUnavailable, StateUnavailable
+from cardigan.keys import EX_UNREACHABLE
 from config.settings import Settings, load_settings, redact_url
 
-EX_UNREACHABLE = 2
 FIX = 'start the stack with `eval "$(cardigan stack up)"`, or `source demo-out/demo.env` after `cardigan demo --keep`'
 
 
@@ -91,7 +91,7 @@ def check_state(settings: Settings, *, attempts: int = 1, interval_s: float = 1.
 
     import redis
 
-    from cardigan.guard import make_redis
+    from cardigan.store.guard import make_redis
 
     url = state_url(settings)
     for i in range(attempts):

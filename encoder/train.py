@@ -7,7 +7,7 @@ Here a batch holds ``batch`` products with two photos each, and every photo is a
 once; its negative is mined in the batch (semi-hard by default), so one forward pass of
 2·batch images yields 2·batch triplets.
 
-Train and index see the same pixels: every photo goes through :func:`cardigan.crop.preprocess`,
+Train and index see the same pixels: every photo goes through :func:`cardigan.imaging.crop.preprocess`,
 the worker's own decode → crop → resize. Every photo gets random crops, flips and colour jitter
 (``torchvision.transforms.v2``); a product with one photo is paired with an augmented copy.
 
@@ -43,8 +43,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from torch import nn
 from torchvision.transforms import v2
 
-from cardigan.crop import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from cardigan.errors import CardiganError
+from cardigan.imaging.crop import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from config.settings import EncoderSettings, LimitSettings
 from encoder.checkpoint import save_checkpoint
 from encoder.encoder import Encoder, model_version_for
@@ -77,12 +77,6 @@ class Product(Protocol):
 
     @property
     def images(self) -> Sequence[Photo]: ...
-
-
-@dataclass(frozen=True)
-class TrainPhoto:
-    data: bytes = field(repr=False)
-    bbox: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -302,8 +296,8 @@ class EvalSet:
 
 
 def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
-    """Queries from :func:`cardigan.catalog.query_photo` (a new street photo of each product)."""
-    from cardigan.catalog import SyntheticProduct, query_photo
+    """Queries from :func:`devkit.catalog.query_photo` (a new street photo of each product)."""
+    from devkit.catalog import SyntheticProduct, query_photo
 
     synthetic = [p for p in products if isinstance(p, SyntheticProduct)]
     if len(synthetic) != len(products):
@@ -327,7 +321,7 @@ def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, worke
 
 def hit_rates(net: nn.Module, ev: EvalSet, device: torch.device, ks: Sequence[int] = HIT_KS) -> dict[int, float]:
     """Share of queries whose product is among the ``k`` best products (best photo per product),
-    ranked like :func:`cardigan.query.search_image` ranks the index."""
+    ranked like :func:`cardigan.ops.query.search_image` ranks the index."""
     if not len(ev.queries) or not len(ev.gallery):
         return {k: float("nan") for k in ks}
     sims = _embed(net, ev.queries, device) @ _embed(net, ev.gallery, device).T  # cosine: unit rows
@@ -597,7 +591,7 @@ def synthetic_training_set(
     """A catalog of ``n_products + heldout`` products (ids ``train-…``, never the demo's):
     the first ``n_products`` to train on, each with ``street_photos`` extra street shots (what
     shoppers upload), and ``heldout`` untouched products to measure retrieval on."""
-    from cardigan.catalog import generate_catalog, query_photo
+    from devkit.catalog import generate_catalog, query_photo
 
     catalog = generate_catalog(n_products + heldout, seed=seed, prefix=TRAIN_PREFIX, workers=workers)
     train, held = catalog[:n_products], catalog[n_products:]

@@ -17,14 +17,15 @@ from typing import Any
 import redis
 from celery import Task, shared_task
 
-from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, StateUnavailable, TransientError
-from cardigan.reindex import ReindexState
-from tasks.policy import backoff_s, count_delivery, dead_letter, never_lost, settle_for_retry
+from cardigan.errors import InternalError, PoisonMessage, StateUnavailable, TransientError
+from cardigan.keys import BULK_TASK
+from cardigan.ops.reindex import ReindexState
+from tasks.policy import after_error, count_delivery, dead_letter, never_lost, poison_reason, retry_delay_s, settle_for_retry
 from workers import metrics, runtime
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "cardigan.index_bulk"
+TASK_NAME = BULK_TASK
 _MAX_THREADS = 16  # events of one chunk in flight at once (the batcher gathers across chunks)
 
 
@@ -65,17 +66,16 @@ def run_bulk(
     try:
         seen = count_delivery(task)
     except redis.RedisError as e:
-        raise task.retry(
-            exc=e, countdown=backoff_s(0, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s), max_retries=None
-        ) from e
+        raise task.retry(exc=e, countdown=retry_delay_s(0, s.worker), max_retries=None) from e
     attempt = seen.starts  # ours, not the sender's `retries` header
     retries = attempt - 1
     if not isinstance(events, list):
         dead_letter(task, events, InternalError("a bulk task's first argument must be a list of events"), attempt)
         count(events, "dead")
         return finish()
-    if seen.died >= s.worker.max_deliveries:
-        err = PoisonMessage(f"bulk chunk delivered {seen.died + 1} times without finishing: the worker died each time")
+    poison = poison_reason(seen, s.worker, what="bulk chunk ")
+    if poison is not None:
+        err = PoisonMessage(poison)
         for ev in events:
             dead_letter(task, ev, err, attempt)
             count(ev, "dead")
@@ -90,7 +90,7 @@ def run_bulk(
             return {"bulk": True, "collection": collection, "chunk": chunk, "outcomes": outcomes}
     except (TransientError, redis.RedisError) as e:  # Milvus or Redis down: the whole chunk waits
         settle_for_retry(task)
-        raise task.retry(exc=e, countdown=backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)) from e
+        raise task.retry(exc=e, countdown=retry_delay_s(retries, s.worker)) from e
 
     with ThreadPoolExecutor(max(1, min(len(events), _MAX_THREADS)), thread_name_prefix="bulk") as pool:
         futures = [pool.submit(pipe.handle, ev, collection=collection) for ev in events]
@@ -99,34 +99,30 @@ def run_bulk(
         try:
             res = fut.result()
             count(ev, res.outcome)
-        except PermanentError as e:
-            dead_letter(task, ev, e, attempt)
-            count(ev, "dead")
-        except (TransientError, redis.RedisError) as e:
-            failed.append((ev, e if isinstance(e, TransientError) else StateUnavailable(f"state store: {e}")))
-        except Exception as e:  # noqa: BLE001 - a bug: keep the event for replay after the fix
-            log.exception("unexpected error in a bulk event")
-            dead_letter(task, ev, InternalError(f"{type(e).__name__}: {e}"), attempt)
-            count(ev, "dead")
-    if failed:
-        if attempt > s.worker.max_retries:
-            for ev, e in failed:
-                dead_letter(task, ev, RetriesExhausted(f"gave up after {attempt} attempts: {e.reason}"), attempt)
+        except Exception as e:  # noqa: BLE001 - after_error decides, as for a live event
+            verdict = after_error(e, attempt, s.worker)
+            if verdict.bug:
+                log.exception("unexpected error in a bulk event", exc_info=e)
+            if verdict.retry:
+                failed.append((ev, e if isinstance(e, TransientError) else StateUnavailable(verdict.reason)))
+            else:
+                assert verdict.error is not None
+                dead_letter(task, ev, verdict.error, attempt)
                 count(ev, "dead")
-        else:
-            first = failed[0][1]
-            log.info(
-                "%d of %d bulk events failed transiently (%s), retry %d/%d",
-                len(failed),
-                len(events),
-                first.reason,
-                retries + 1,
-                s.worker.max_retries,
-            )
-            metrics.count_outcomes(
-                (task.request.delivery_info or {}).get("routing_key") or "unknown", outcomes
-            )  # the retry carries only the failed
-            countdown = backoff_s(retries, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)
-            settle_for_retry(task)
-            raise task.retry(args=[[ev for ev, _ in failed]], kwargs={**kw, "size": size or len(events)}, countdown=countdown, exc=first)
+    if failed:  # only while attempt <= max_retries: after that, after_error dead-letters each
+        first = failed[0][1]
+        log.info(
+            "%d of %d bulk events failed transiently (%s), retry %d/%d",
+            len(failed),
+            len(events),
+            first.reason,
+            retries + 1,
+            s.worker.max_retries,
+        )
+        metrics.count_outcomes(
+            (task.request.delivery_info or {}).get("routing_key") or "unknown", outcomes
+        )  # the retry carries only the failed
+        countdown = retry_delay_s(retries, s.worker)
+        settle_for_retry(task)
+        raise task.retry(args=[[ev for ev, _ in failed]], kwargs={**kw, "size": size or len(events)}, countdown=countdown, exc=first)
     return finish()

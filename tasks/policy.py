@@ -18,6 +18,7 @@ from celery import Task
 from celery.exceptions import Reject, Retry
 
 from cardigan.errors import InternalError, PermanentError, PoisonMessage, RetriesExhausted, TransientError
+from config.settings import WorkerSettings
 from workers import runtime
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,48 @@ class Deliveries:
 def backoff_s(retries: int, base: float, cap: float) -> float:
     """Exponential backoff with full jitter (AWS architecture blog's 'full jitter')."""
     return random.uniform(0, min(cap, base * 2 ** min(retries, 32)))
+
+
+def retry_delay_s(retries: int, w: WorkerSettings) -> float:
+    """The countdown of a retry after ``retries`` earlier ones, from the worker settings."""
+    return backoff_s(retries, w.retry_backoff_s, w.retry_backoff_max_s)
+
+
+def poison_reason(seen: Deliveries, w: WorkerSettings, *, what: str = "") -> str | None:
+    """Before running: why this message must become a dead letter unrun, or None to run it.
+
+    A message whose worker died ``max_deliveries`` times is poison; an id delivered more often
+    than retries and deaths allow (a net for ids delivered in parallel) is too.
+    """
+    if seen.died >= w.max_deliveries:
+        return f"{what}delivered {seen.died + 1} times without finishing: the worker died each time (out of memory, native crash)"
+    if seen.starts > w.max_retries + w.max_deliveries + 1:
+        return f"{what}delivered {seen.starts} times without an outcome"
+    return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with one event whose run raised: retry it, or dead-letter it with ``error``."""
+
+    retry: bool
+    error: PermanentError | None = None  # the dead letter's error when not retrying
+    reason: str = ""  # the transient reason, for the log line of a retry
+    bug: bool = False  # an unexpected exception: log its traceback
+
+
+def after_error(err: BaseException, attempt: int, w: WorkerSettings) -> Verdict:
+    """The one retry decision, for live and bulk tasks: permanent errors are dead letters at once,
+    transient ones (and Redis client errors nobody wrapped) retry until ``max_retries``, anything
+    else is a bug kept for replay."""
+    if isinstance(err, PermanentError):
+        return Verdict(retry=False, error=err)
+    if isinstance(err, TransientError | redis.RedisError):
+        reason = err.reason if isinstance(err, TransientError) else f"state store: {type(err).__name__}: {err}"
+        if attempt > w.max_retries:
+            return Verdict(retry=False, error=RetriesExhausted(f"gave up after {attempt} attempts: {reason}"), reason=reason)
+        return Verdict(retry=True, reason=reason)
+    return Verdict(retry=False, error=InternalError(f"{type(err).__name__}: {err}"), bug=True)
 
 
 def _key(task: Task) -> str:
@@ -120,28 +163,20 @@ def _run_event(task: Task, event: Any) -> dict[str, Any]:
     try:
         seen = count_delivery(task)
     except redis.RedisError as e:
-        raise task.retry(exc=e, countdown=backoff_s(0, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s)) from e
+        raise task.retry(exc=e, countdown=retry_delay_s(0, s.worker)) from e
     attempt = seen.starts  # ours: the sender's `retries` header is never used for counting
-
-    def retry(e: BaseException) -> Retry:
-        settle_for_retry(task)
-        return task.retry(exc=e, countdown=backoff_s(attempt - 1, s.worker.retry_backoff_s, s.worker.retry_backoff_max_s))
-
-    if seen.died >= s.worker.max_deliveries:
-        err = PoisonMessage(f"delivered {seen.died + 1} times without finishing: the worker died each time (out of memory, native crash)")
-        return dead_letter(task, event, err, attempt)
-    if attempt > s.worker.max_retries + s.worker.max_deliveries + 1:  # a net for ids delivered in parallel
-        return dead_letter(task, event, PoisonMessage(f"delivered {attempt} times without an outcome"), attempt)
+    poison = poison_reason(seen, s.worker)
+    if poison is not None:
+        return dead_letter(task, event, PoisonMessage(poison), attempt)
     try:
         return runtime.pipeline().handle(event).as_dict()
-    except PermanentError as e:
-        return dead_letter(task, event, e, attempt)
-    except (TransientError, redis.RedisError) as e:  # a client error the pipeline did not wrap is still transient
-        reason = e.reason if isinstance(e, TransientError) else f"state store: {type(e).__name__}: {e}"
-        if attempt > s.worker.max_retries:
-            return dead_letter(task, event, RetriesExhausted(f"gave up after {attempt} attempts: {reason}"), attempt)
-        log.info("transient failure (%s), retry %d/%d", reason, attempt, s.worker.max_retries)
-        raise retry(e) from e
-    except Exception as e:  # a bug: keep the event for replay after the fix, never drop it
-        log.exception("unexpected error")
-        return dead_letter(task, event, InternalError(f"{type(e).__name__}: {e}"), attempt)
+    except Exception as e:  # noqa: BLE001 - after_error decides; a bug is kept for replay, never dropped
+        verdict = after_error(e, attempt, s.worker)
+        if verdict.bug:
+            log.exception("unexpected error")
+        if not verdict.retry:
+            assert verdict.error is not None
+            return dead_letter(task, event, verdict.error, attempt)
+        log.info("transient failure (%s), retry %d/%d", verdict.reason, attempt, s.worker.max_retries)
+        settle_for_retry(task)
+        raise task.retry(exc=e, countdown=retry_delay_s(attempt - 1, s.worker)) from e

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cardigan.stack import Stack, StackInfo
+from devkit.stack import Stack, StackInfo
 from tests.harness import Namespace, new_namespace
 
 

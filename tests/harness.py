@@ -11,7 +11,6 @@ import itertools
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -20,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cardigan.deadletter import DeadLetters
-from cardigan.fetch import make_s3_client
-from cardigan.guard import make_redis
-from cardigan.index import Index
-from cardigan.publish import Publisher
+from cardigan.imaging.fetch import make_s3_client
+from cardigan.ops.publish import Publisher
+from cardigan.store.deadletter import DeadLetters
+from cardigan.store.guard import make_redis
+from cardigan.store.index import Index
 from config.settings import Settings, patched_env, settings_from_env
+from workers.launch import celery_worker_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,13 +133,10 @@ class Namespace:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:6]}"
         log = self.tmp / f"{name}.log"
         s = self.settings
-        argv = [
-            sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
-            "--pool", "threads", "--concurrency", str(concurrency or s.worker.concurrency),
-            "--prefetch-multiplier", str(s.worker.prefetch_multiplier),
-            "-Q", f"{s.queue},{s.bulk_queue}", "-n", f"{name}@test",
-            "--without-gossip", "--without-mingle", "-l", "INFO",
-        ]  # fmt: skip
+        argv = celery_worker_argv(
+            queues=[s.queue, s.bulk_queue], concurrency=concurrency or s.worker.concurrency,
+            prefetch=s.worker.prefetch_multiplier, node=f"{name}@test",
+        )  # fmt: skip
         env = {**os.environ, **self.env, **(extra_env or {}), "PYTHONUNBUFFERED": "1"}
         with log.open("ab") as f:
             proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)

@@ -18,8 +18,8 @@ from typing import Any
 
 import urllib3
 
-from cardigan.catalog import SyntheticProduct, generate_catalog, image_uri, object_key, upload
 from config.settings import patched_env
+from devkit.catalog import SyntheticProduct, generate_catalog, image_uri, object_key, upload
 from tests.harness import ROOT, Namespace, new_namespace, wait_until
 
 TOKEN = "test-token-7f3a"
@@ -61,7 +61,7 @@ def _free_port() -> int:
 
 def index_catalog(ns: Namespace, catalog: list[SyntheticProduct], extra: Sequence[dict[str, Any]] = ()) -> dict[str, dict[str, Any]]:
     """Upload the photos and index every product through the workers' pipeline, in process."""
-    from cardigan.catalog import _event
+    from devkit.catalog import _event
     from workers.pipeline import Pipeline
 
     s = ns.settings

@@ -18,7 +18,7 @@ import pytest
 
 from cardigan.errors import InvalidEvent
 from cardigan.event import parse_event
-from cardigan.publish import Publisher, read_json_lines
+from cardigan.ops.publish import Publisher, read_json_lines
 from config.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent

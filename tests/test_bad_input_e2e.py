@@ -20,8 +20,8 @@ import pytest
 from kombu import Connection
 from PIL import Image, ImageDraw, ImageOps
 
-from cardigan.crop import preprocess
-from cardigan.verify import Expected
+from cardigan.imaging.crop import preprocess
+from cardigan.ops.verify import Expected
 from tests.harness import Namespace, wait_until
 from tests.test_index_e2e import converge
 

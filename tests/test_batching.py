@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from cardigan.bench import ceiling, percentile, rss_mb
-from cardigan.catalog import render_product
-from cardigan.crop import preprocess
 from cardigan.event import primary_key
-from cardigan.verify import Expected
+from cardigan.imaging.crop import preprocess
+from cardigan.ops.verify import Expected
 from config.settings import EncoderSettings
+from devkit.bench import ceiling, percentile, rss_mb
+from devkit.catalog import render_product
 from encoder import Encoder, build_encoder
 from tests.harness import Namespace, wait_until
 from tests.test_index_e2e import converge
@@ -127,11 +127,11 @@ def test_batcher_keeps_order_and_never_exceeds_max_items() -> None:
 
 
 def test_bench_helpers() -> None:
-    from cardigan import bench
+    from devkit import bench
     from workers import writer
 
-    # the bench reads what the workers write, under the same keys
-    assert bench.STATS_KEY == STATS_KEY and bench.FRESHNESS_KEY == writer.FRESHNESS_KEY
+    # the bench reads what the workers write, under the same keys (cardigan.keys)
+    assert bench.STATS_KEY is STATS_KEY and bench.FRESHNESS_KEY is writer.FRESHNESS_KEY
     # each pipeline stage's threads map to their stage (Pipeline names them; Celery's pool too)
     assert [bench._thread_group(n) for n in ("fetch_3", "embed", "write", "ThreadPoolExecutor-0_7", "MainThread", None)] == [
         "fetch+decode",

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cardigan.catalog import (
+from cardigan.event import parse_event
+from devkit.catalog import (
     CATEGORIES,
     MAX_IMAGES,
     MAX_SIDE,
@@ -30,7 +31,6 @@ from cardigan.catalog import (
     upload,
     write_to_folder,
 )
-from cardigan.event import parse_event
 
 ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from cardigan.errors import IndexUnavailable
-from cardigan.index import Index
-from cardigan.verify import Expected, verify_index
+from cardigan.ops.verify import Expected, verify_index
+from cardigan.store.index import Index
 from tests.harness import ROOT, Namespace, wait_until
 from tests.test_index_e2e import add, photo
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from cardigan.deadletter import DeadLetter
-from cardigan.demo import demo_env, write_env_file
-from cardigan.stack import StackInfo
+from cardigan.store.deadletter import DeadLetter
+from devkit.demo import demo_env, write_env_file
+from devkit.stack import StackInfo
 from tests.harness import ROOT, Namespace, wait_until
 from tests.test_index_e2e import add, photo
 
@@ -214,7 +214,7 @@ def test_publish_wait_events_show_similar_hint_and_status_plural(ns: Namespace, 
 
 
 def test_example_catalog_uploads_photos_and_writes_publishable_events(ns: Namespace, tmp_path: Path) -> None:
-    from cardigan.verify import Expected
+    from cardigan.ops.verify import Expected
     from tests.test_index_e2e import converge
 
     bucket = f"ex-{ns.settings.queue.rsplit('.', 1)[-1]}"  # a bucket that does not exist yet

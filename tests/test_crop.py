@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cardigan.crop import (
+from cardigan.errors import CorruptImage, InvalidCrop
+from cardigan.imaging.crop import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     bbox_to_box,
@@ -21,7 +22,6 @@ from cardigan.crop import (
     to_tensor,
     trim_box,
 )
-from cardigan.errors import CorruptImage, InvalidCrop
 
 LIMIT = 40_000_000
 

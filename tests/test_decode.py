@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cardigan.decode import decode, decode_image, sniff_format, to_rgb
 from cardigan.errors import CorruptImage, ImageTooLarge, PermanentError
+from cardigan.imaging.decode import decode, decode_image, sniff_format, to_rgb
 
 LIMIT = 40_000_000  # LimitSettings.max_image_pixels default
 

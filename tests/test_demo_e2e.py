@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from cardigan.demo import DemoOptions, DemoResult, print_result, run_demo
-from cardigan.stack import Stack
-from cardigan.verify import Expected
+from cardigan.ops.verify import Expected
+from devkit.demo import DemoOptions, DemoResult, print_result, run_demo
+from devkit.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

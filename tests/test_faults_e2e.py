@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cardigan.stack import Stack
-from cardigan.verify import Expected, verify_index
+from cardigan.ops.verify import Expected, verify_index
+from devkit.stack import Stack
 from tests.harness import Namespace, TcpProxy, new_namespace, wait_until
 from tests.test_index_e2e import add, delete
 

@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from cardigan.publish import Publisher
-from cardigan.verify import Expected, verify_index
+from cardigan.ops.publish import Publisher
+from cardigan.ops.verify import Expected, verify_index
 from tests.harness import Namespace, settings_from, wait_until
 from tests.test_index_e2e import add, delete
 

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from cardigan.errors import FetchUnavailable, ImageTooLarge, MissingImage
-from cardigan.fetch import Fetcher, make_s3_client
+from cardigan.imaging.fetch import Fetcher, make_s3_client
 from tests.harness import Namespace
 
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from cardigan.errors import StateUnavailable
-from cardigan.guard import VersionGuard, make_redis
-from cardigan.stack import StackInfo
+from cardigan.store.guard import VersionGuard, make_redis
+from devkit.stack import StackInfo
 from workers.writer import WriteOp, _newest
 
 

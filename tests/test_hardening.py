@@ -22,18 +22,18 @@ from PIL import Image
 from pymilvus import MilvusException
 from pymilvus.exceptions import DataNotMatchException
 
-from cardigan.deadletter import DeadLetters
-from cardigan.decode import decode
 from cardigan.errors import FetchUnavailable, ForbiddenURI, ImageTooLarge, IndexRejected, IndexUnavailable, InvalidEvent
 from cardigan.event import MAX_ATTRIBUTES_BYTES, MAX_ATTRIBUTES_DEPTH, parse_event
-from cardigan.fetch import Fetcher, make_s3_client
-from cardigan.guard import VersionGuard, make_redis
-from cardigan.index import Index, classify
-from cardigan.publish import Publisher
-from cardigan.stack import StackInfo
-from cardigan.status import format_memory, redis_memory
-from cardigan.tombstones import Tombstones
+from cardigan.imaging.decode import decode
+from cardigan.imaging.fetch import Fetcher, make_s3_client
+from cardigan.ops.publish import Publisher
+from cardigan.ops.status import format_memory, redis_memory
+from cardigan.store.deadletter import DeadLetters
+from cardigan.store.guard import VersionGuard, make_redis
+from cardigan.store.index import Index, classify
+from cardigan.store.tombstones import Tombstones
 from config.settings import Settings
+from devkit.stack import StackInfo
 from workers.envelope import BadEnvelope, ExpiredMessage, check_embed, check_envelope, check_task_id
 from workers.writer import IndexWriter, WriteOp
 

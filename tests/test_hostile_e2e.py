@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cardigan.verify import Expected
+from cardigan.ops.verify import Expected
 from tests.harness import Namespace, wait_until
 from tests.test_bad_input_e2e import encode, scene, send_raw, task_headers
 from tests.test_index_e2e import converge

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cardigan.event import primary_key
-from cardigan.verify import Expected, verify_index
+from cardigan.ops.verify import Expected, verify_index
 from tests.harness import Namespace, wait_until
 
 pytestmark = pytest.mark.e2e

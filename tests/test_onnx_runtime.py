@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cardigan.crop import preprocess
 from cardigan.event import primary_key
-from cardigan.verify import Expected
+from cardigan.imaging.crop import preprocess
+from cardigan.ops.verify import Expected
 from config.settings import EncoderSettings
 from encoder import Encoder, build_encoder, onnx_runtime
 from tests.harness import Namespace

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from cardigan.stack import Stack
-from cardigan.verify import Expected
+from cardigan.ops.verify import Expected
+from devkit.stack import Stack
 from tests.harness import Namespace, new_namespace
 from tests.test_index_e2e import add, converge, delete
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cardigan.verify import Expected, verify_index
+from cardigan.ops.verify import Expected, verify_index
 from tests.harness import Namespace, wait_until
 from tests.test_index_e2e import add
 from workers import redelivery

@@ -13,7 +13,7 @@ import uuid
 import pytest
 import redis
 
-from cardigan.verify import Expected
+from cardigan.ops.verify import Expected
 from tests.harness import Namespace, wait_until
 from tests.test_index_e2e import add, converge
 

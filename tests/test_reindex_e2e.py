@@ -21,14 +21,14 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from cardigan.cli import app as cli_app
-from cardigan.guard import VersionGuard
-from cardigan.index import collection_name
-from cardigan.publish import Publisher
-from cardigan.reindex import ReindexState
-from cardigan.snapshot import SourceError, count_manifest, count_s3, manifest_items, s3_items
-from cardigan.stack import free_port
-from cardigan.status import collect_status
-from cardigan.verify import Expected
+from cardigan.ops.publish import Publisher
+from cardigan.ops.reindex import ReindexState
+from cardigan.ops.snapshot import SourceError, count_manifest, count_s3, manifest_items, s3_items
+from cardigan.ops.status import collect_status
+from cardigan.ops.verify import Expected
+from cardigan.store.guard import VersionGuard
+from cardigan.store.index import collection_name
+from devkit.stack import free_port
 from encoder import model_version_for
 from tests.harness import ROOT, Namespace, WorkerProc, wait_until
 from tests.test_index_e2e import converge, photo

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from cardigan.report import (
+from devkit.report import (
     BORDER,
     GAP,
     OTHER,
@@ -126,7 +126,7 @@ def test_hit_rate_counts_rank() -> None:
 
 
 def test_html_summary_counts_the_scored_queries_only() -> None:
-    from cardigan.report import Hit, QueryResult, html_summary
+    from devkit.report import Hit, QueryResult, html_summary
 
     img = Image.new("RGB", (8, 8))
     rows = [

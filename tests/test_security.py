@@ -32,11 +32,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cardigan.guard import make_redis
-from cardigan.stack import Stack, StackInfo
-from cardigan.verify import Expected
+from cardigan.ops.verify import Expected
+from cardigan.store.guard import make_redis
 from config.celery_app import broker_tls, create_app
 from config.settings import Settings, redact_url
+from devkit.stack import Stack, StackInfo
 from tests.harness import Namespace, wait_until
 from tests.test_bad_input_e2e import send_raw, task_headers
 from tests.test_deadletter_e2e import cli
@@ -303,7 +303,7 @@ def redis_tls(stack: StackInfo, cert: tuple[Path, Path]) -> Iterator[TLSProxy]:
 @pytest.mark.e2e
 def test_rediss_broker_and_state_over_tls(redis_tls: TLSProxy, cert: tuple[Path, Path], ns: Namespace) -> None:
     """Real TLS to Valkey: works with the CA given, refused for an unknown CA or another host name."""
-    from cardigan.publish import Publisher
+    from cardigan.ops.publish import Publisher
 
     ca = cert[0]
     db = ns.env["CARDIGAN_BROKER_URL"].rsplit("/", 1)[1]  # this test's own database
@@ -364,7 +364,7 @@ def test_milvus_over_tls_with_token(stack: StackInfo, cert: tuple[Path, Path]) -
     proxy = TLSProxy(_port_of(stack.milvus_uri), *cert, alpn=["h2"])
     alias = f"tls_{uuid.uuid4().hex[:8]}"
     code = (
-        "from cardigan.index import Index\n"
+        "from cardigan.store.index import Index\n"
         f"i = Index('https://localhost:{proxy.port}', token='root:tls-token', alias='{alias}', timeout=5)\n"
         "c = i.client._config\n"
         "print(i.ensure(), c.token, dict(c.handler_kwargs).get('secure'), i.count())\n"

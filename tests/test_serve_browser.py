@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cardigan.catalog import query_photo
+from devkit.catalog import query_photo
 from tests.harness import ROOT
 from tests.serve_harness import TOKEN, Served, served
 

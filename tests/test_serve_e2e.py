@@ -19,7 +19,7 @@ import pytest
 import urllib3
 from PIL import Image
 
-from cardigan.catalog import query_photo
+from devkit.catalog import query_photo
 from tests.harness import ROOT, wait_until
 from tests.serve_harness import DUPLICATE_THRESHOLD, MAX_BYTES, TOKEN, Served, served
 

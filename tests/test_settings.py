@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from cardigan.index import escape_filter_string
+from cardigan.store.index import escape_filter_string
 from config.settings import load_settings, redact_url
 
 

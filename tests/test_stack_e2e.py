@@ -26,7 +26,7 @@ import redis
 from botocore.exceptions import ClientError
 from pymilvus import MilvusClient
 
-from cardigan.stack import Stack, StackError, StackInfo, free_port, wait_for
+from devkit.stack import Stack, StackError, StackInfo, free_port, wait_for
 
 
 def _dead_pid() -> int:

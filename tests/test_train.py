@@ -19,8 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
-from cardigan.catalog import SyntheticProduct, generate_catalog  # noqa: E402
 from config.settings import EncoderSettings  # noqa: E402
+from devkit.catalog import SyntheticProduct, generate_catalog  # noqa: E402
 from encoder import build_encoder  # noqa: E402
 from encoder.checkpoint import file_sha256, read_checkpoint  # noqa: E402
 from encoder.train import TrainReport, build_net, make_eval_set, synthetic_training_set, train_triplets, triplet_loss  # noqa: E402

@@ -30,10 +30,6 @@ class BatchStats:
     items: int = 0
     busy_s: float = 0.0
 
-    @property
-    def mean_size(self) -> float:
-        return self.items / self.batches if self.batches else 0.0
-
 
 class MicroBatcher(Generic[T, R]):
     """Calls ``fn(items) -> results`` (same length, same order) on gathered batches.

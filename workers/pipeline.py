@@ -20,13 +20,14 @@ import numpy as np
 import redis
 import torch
 
-from cardigan.crop import preprocess
 from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
-from cardigan.fetch import Fetcher, make_s3_client
-from cardigan.guard import VersionGuard, make_redis
-from cardigan.index import Index
-from cardigan.tombstones import Tombstones
+from cardigan.imaging.crop import preprocess
+from cardigan.imaging.fetch import Fetcher, make_s3_client
+from cardigan.keys import STATS_KEY
+from cardigan.store.guard import VersionGuard, make_redis
+from cardigan.store.index import Index
+from cardigan.store.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
@@ -35,8 +36,8 @@ from workers.writer import OUTCOME_KEY, IndexWriter, Outcome, WriteOp
 log = logging.getLogger(__name__)
 
 # Per-process batch statistics, one hash field per process ("<host>:<pid>"), refreshed every
-# STATS_INTERVAL_S: how full batches really are (`cardigan bench` reads it). Cumulative counters.
-STATS_KEY = "cardigan:stats:{alias}"
+# STATS_INTERVAL_S: how full batches really are (`cardigan bench` reads it, under cardigan.keys.STATS_KEY).
+# Cumulative counters.
 STATS_INTERVAL_S = 1.0
 
 

@@ -16,9 +16,10 @@ import redis
 from celery import current_app
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
-from cardigan.deadletter import DeadLetters
 from cardigan.errors import CardiganError, IndexUnavailable, StateUnavailable
-from cardigan.guard import make_redis
+from cardigan.keys import EX_CONFIG
+from cardigan.store.deadletter import DeadLetters
+from cardigan.store.guard import make_redis
 from config.settings import Settings
 from workers import metrics
 from workers.pipeline import Pipeline
@@ -70,7 +71,6 @@ def pipeline() -> Pipeline:
     return _pipeline
 
 
-EX_CONFIG = 78  # sysexits.h: a configuration error; `cardigan worker` does not restart on it
 
 
 def _start(**_: Any) -> None:

@@ -16,15 +16,14 @@ import redis
 
 from cardigan.errors import IndexRejected, StateUnavailable
 from cardigan.event import primary_key
-from cardigan.guard import Held, VersionGuard
-from cardigan.index import Index
-from cardigan.tombstones import Tombstones
+from cardigan.keys import FRESHNESS_KEY, TARGETS_KEY
+from cardigan.store.guard import Held, VersionGuard
+from cardigan.store.index import Index
+from cardigan.store.tombstones import Tombstones
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["applied", "stale"]
-FRESHNESS_KEY = "cardigan:freshness_ms"
-TARGETS_KEY = "cardigan:write_targets:{alias}"
 # The last outcome of each product's live event (applied / stale), kept worker.outcome_ttl_s
 # seconds (workers/pipeline.py writes it, `cardigan events show` reads it)
 OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"

@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from cardigan.errors import CardiganError, CorruptImage, ForbiddenURI, ImageTooLarge, MissingImage, TransientError
-from cardigan.query import Hit
+from cardigan.ops.query import Hit
 from cardigan.serve.filters import BadRequest, parse_bbox, parse_filter, parse_k, product_id
 from cardigan.serve.service import SearchService, thread_cpu
 from config.settings import Settings

@@ -3,7 +3,7 @@
 A filter is a JSON object of attribute names to a value or a list of values:
 ``{"category": "cardigan"}`` or ``{"category": ["dress", "skirt"]}``. Names are identifiers,
 values a short, plain character set; both are checked before an expression is built, and the
-values are quoted with :func:`cardigan.index.escape_filter_string` as a second lock.
+values are quoted with :func:`cardigan.store.index.escape_filter_string` as a second lock.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from cardigan.errors import InvalidEvent
 from cardigan.event import PRODUCT_ID_RE
-from cardigan.index import escape_filter_string
+from cardigan.store.index import escape_filter_string
 
 KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
 VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._:/&+-]{0,63}$")

@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from cardigan.crop import preprocess
-from cardigan.decode import sniff_format
 from cardigan.errors import IndexUnavailable, InvalidEvent
 from cardigan.event import primary_key
-from cardigan.fetch import Fetcher, make_s3_client
-from cardigan.index import OUTPUT_FIELDS, Index
-from cardigan.query import Hit, best_per_product
+from cardigan.imaging.crop import preprocess
+from cardigan.imaging.decode import sniff_format
+from cardigan.imaging.fetch import Fetcher, make_s3_client
+from cardigan.ops.query import Hit, best_per_product
 from cardigan.serve.filters import BadRequest, filter_expression
+from cardigan.store.index import Index
+from cardigan.store.schema import OUTPUT_FIELDS
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher

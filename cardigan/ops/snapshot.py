@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 from cardigan.errors import InvalidEvent, PermanentError
 from cardigan.event import PRODUCT_ID_RE, Event, parse_event, primary_key
-from cardigan.guard import VersionGuard
-from cardigan.index import Index
+from cardigan.store.guard import VersionGuard
+from cardigan.store.index import Index
 
 
 class SourceError(PermanentError):

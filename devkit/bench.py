@@ -1,6 +1,6 @@
 """``cardigan bench``: what the whole pipeline does on this machine, measured in one run.
 
-Brings up a temporary embedded stack (Valkey, Milvus Lite server, moto S3), renders a pool of
+Brings up a temporary embedded stack (Valkey, Milvus Lite server, rclone or moto S3), renders a pool of
 synthetic product photos, uploads them, and then measures, on the same machine in the same
 run:
 
@@ -36,25 +36,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from rich.table import Table
 
 from cardigan.errors import CardiganError
+from cardigan.keys import FRESHNESS_KEY, STATS_KEY
 from config.settings import settings_from_env
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
     from encoder import Encoder
 
-FRESHNESS_KEY = "cardigan:freshness_ms"  # workers.writer.FRESHNESS_KEY (kept import-free)
-STATS_KEY = "cardigan:stats:{alias}"  # workers.pipeline.STATS_KEY
 KEY_PREFIX = "bench"
 
-# Targets of issue 4 (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.
+# Targets (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio_to_ceiling": (">=", 0.75),
     "speedup_vs_naive": (">=", 1.0),
-    "speedup_vs_torch": (">=", 1.8),  # issue 14: onnxruntime against torch, same pipeline, same run
+    "speedup_vs_torch": (">=", 1.8),  # onnxruntime against torch, same pipeline, same run
     "freshness_p99_ms": ("<", 2000.0),
     "soak_rss_growth_pct": ("<", 10.0),
 }
@@ -249,7 +247,7 @@ class Pool:
 
 def make_pool(n: int, *, seed: int, s3: Any, bucket: str | None, folder: Path | None) -> Pool:
     """Render ``n`` products and store their photos in S3 (or a folder for file:// URIs)."""
-    from cardigan.catalog import file_uri, generate_catalog, image_uri, object_key, upload, write_to_folder
+    from devkit.catalog import file_uri, generate_catalog, image_uri, object_key, upload, write_to_folder
 
     products = generate_catalog(n, seed=seed, prefix="p", workers=os.cpu_count() or 2)
     if folder is not None:
@@ -359,7 +357,7 @@ def decode_only(jpegs: Sequence[tuple[bytes, list[int] | None]], *, size: int, m
 
     Images/s and CPU ms per image, on the same JPEG bytes (and bboxes) as the events.
     """
-    from cardigan.crop import preprocess
+    from cardigan.imaging.crop import preprocess
 
     def one(item: tuple[bytes, list[int] | None]) -> None:
         preprocess(item[0], item[1], size=size, max_pixels=max_pixels)
@@ -395,8 +393,8 @@ class Phase:
     profiles: list[Path] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from cardigan.guard import make_redis
-        from cardigan.publish import Publisher
+        from cardigan.ops.publish import Publisher
+        from cardigan.store.guard import make_redis
 
         self.settings = _settings(self.env)
         self.state = make_redis(self.settings.effective_state_url)
@@ -409,17 +407,19 @@ class Phase:
 
     def start_workers(self, n: int, concurrency: int, timeout: float, *, profile: bool = False) -> None:
         """``profile``: each worker writes its CPU time per thread group to <log dir>/<name>-worker<i>.cpu.json."""
-        from cardigan.cli import worker_argv
+        from workers.launch import CELERY, celery_worker_argv
 
         s = self.settings
+        # profile: the same celery command, with a thread that records CPU time per thread group
+        launcher = (sys.executable, "-c", "from devkit.bench import profiled_celery; profiled_celery()") if profile else CELERY
         for i in range(n):
             log = self.log_dir / f"{self.name}-worker{i}.log"
-            argv = worker_argv(s, i, queues=[s.queue], concurrency=concurrency, loglevel="INFO")
-            argv[argv.index("-n") + 1] = f"{self.name}{i}@%h"
+            argv = celery_worker_argv(
+                queues=[s.queue], concurrency=concurrency, prefetch=s.worker.prefetch_multiplier,
+                node=f"{self.name}{i}@%h", task_events=True, launcher=launcher,
+            )  # fmt: skip
             env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
             if profile:
-                # the same celery command, with a thread that records CPU time per thread group
-                argv[1:3] = ["-c", "from cardigan.bench import profiled_celery; profiled_celery()"]
                 env[PROFILE_ENV] = str(log.with_suffix(".cpu.json"))
                 self.profiles.append(log.with_suffix(".cpu.json"))
             with log.open("ab") as f:
@@ -481,7 +481,7 @@ class Phase:
         return int(r.llen(self.settings.queue)) == 0 and int(r.hlen("unacked")) == 0
 
     def dead_letters(self) -> list[str]:
-        from cardigan.deadletter import DeadLetters
+        from cardigan.store.deadletter import DeadLetters
 
         return [f"{d.product_id}: {d.reason}" for d in DeadLetters(self.state).list(5)]
 
@@ -511,7 +511,7 @@ class Phase:
         return out
 
     def count(self) -> int:
-        from cardigan.index import Index
+        from cardigan.store.index import Index
 
         s = self.settings
         index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
@@ -526,7 +526,7 @@ class Phase:
 
 
 def _tail(path: Path, n: int = 15) -> str:
-    from cardigan.stack import log_tail
+    from devkit.stack import log_tail
 
     return log_tail(path, n)
 
@@ -737,8 +737,8 @@ def _load_avg() -> float:
 
 def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
     """Run every phase; return the flat result object that ``--json`` prints."""
-    from cardigan.fetch import make_s3_client
-    from cardigan.stack import S3_MODES, Stack
+    from cardigan.imaging.fetch import make_s3_client
+    from devkit.stack import S3_MODES, Stack
 
     if opts.events < 1:
         raise BenchError("--events must be at least 1")
@@ -940,7 +940,7 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
 
 
 def results_table(res: dict[str, Any]) -> Table:
-    """The numbers, with the targets of issue 4 beside the ones that have one."""
+    """The numbers, with the targets beside the ones that have one."""
     t = Table(
         title=f"cardigan bench: {res['model']} at {res['image_size']} px on {res['device']}, {res['events']} events ({res['images']} images)"
     )
@@ -959,60 +959,8 @@ def results_table(res: dict[str, Any]) -> Table:
     return t
 
 
-def bench(
-    events: int = typer.Option(1000, "--events", "-n", min=1, help="events per throughput run (each has 1-4 photos)"),
-    model: str = typer.Option("mobilenet_v3_small", "--model", help="encoder backbone"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    image_size: int = typer.Option(224, "--image-size", min=32, max=1024),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="worker processes (one model each)"),
-    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="task threads per worker (default: settings)"),
-    prefetch: int | None = typer.Option(None, "--prefetch", min=1, help="prefetch multiplier (default: settings)"),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="images per forward pass (default: settings)"),
-    batch_wait_ms: float | None = typer.Option(None, "--batch-wait-ms", min=0, help="how long a batch waits to fill (default: settings)"),
-    fetch_threads: int | None = typer.Option(None, "--fetch-threads", min=1, help="fetch+decode threads per worker (default: settings)"),
-    torch_threads: int = typer.Option(
-        0, "--torch-threads", min=0, help="torch intra-op threads per worker; 0: torch's default (all cores)"
-    ),
-    fresh_seconds: float = typer.Option(15.0, "--fresh-seconds", min=0, help="length of the half-load freshness run; 0 skips it"),
-    naive: bool = typer.Option(True, "--naive/--no-naive", help="also run the unbatched pipeline"),
-    soak_events: int = typer.Option(0, "--soak", min=0, help="also run an RSS soak of this many events"),
-    s3: str = typer.Option(
-        "rclone", "--s3", help="S3 server on this machine: rclone (Go, ~0.5 ms CPU per GET) or moto (Python, ~2.3 ms); folder: file:// URIs"
-    ),
-    pool: int = typer.Option(200, "--pool", min=1, help="distinct products rendered (events reuse their photos)"),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),
-    profile: bool = typer.Option(False, "--profile", help="also report the workers' CPU time per stage"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
-    runtime: str | None = typer.Option(None, "--runtime", help="torch | onnxruntime (default: settings, CARDIGAN_ENCODER__RUNTIME)"),
-    compare_torch: bool = typer.Option(
-        True, "--compare-torch/--no-compare-torch", help="on onnxruntime, also run the batched pipeline on torch (images_per_s_torch)"
-    ),
-) -> None:
-    """Measure throughput, batching gain, freshness and worker memory of the whole pipeline."""
-    err = Console(stderr=True)
-    opts = BenchOptions(
-        events=events, model=model, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
-        prefetch=prefetch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, fetch_threads=fetch_threads,
-        torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, pool=pool, data_dir=data_dir,
-        profile=profile, runtime=runtime, compare_torch=compare_torch,
-    )  # fmt: skip
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
-    try:
-        with progress:
-            res = run_bench(opts, progress=progress, say=lambda m: progress.console.print(f"[dim]{m}[/]"))
-    except CardiganError as e:
-        err.print(f"[red]bench failed:[/] {e.reason}")
-        raise typer.Exit(1) from None
-    Console().print(results_table(res))
-    if as_json:
-        print(json.dumps(res), flush=True)
+if __name__ == "__main__":  # python -m devkit.bench
+    from cardigan.cli.bench import bench
 
-
-def register(app: typer.Typer) -> None:
-    """``cardigan bench``."""
-    app.command("bench")(bench)
-
-
-if __name__ == "__main__":  # python -m cardigan.bench
     typer.run(bench)
     sys.exit(0)

@@ -6,10 +6,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from cardigan.crop import preprocess
 from cardigan.errors import InvalidEvent
 from cardigan.event import PRODUCT_ID_RE
-from cardigan.index import Index
+from cardigan.imaging.crop import preprocess
+from cardigan.store.index import Index
 from encoder import Encoder
 
 

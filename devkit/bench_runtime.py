@@ -1,4 +1,4 @@
-"""``python -m cardigan.bench_runtime``: the forward pass alone, torch against ONNX Runtime.
+"""``python -m devkit.bench_runtime``: the forward pass alone, torch against ONNX Runtime.
 
 For each backbone, side by side in one run: the embedding net (trunk + head, random weights:
 speed does not depend on them) as the frozen TorchScript graph the torch runtime serves, and

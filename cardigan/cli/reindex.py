@@ -1,4 +1,4 @@
-"""`cardigan reindex`: the command line of cardigan/reindex.py (imports it only when run)."""
+"""`cardigan reindex`: the command line of cardigan/ops/reindex.py (imports it only when run)."""
 
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ def reindex_command(
     from rich.console import Console
 
     from cardigan.errors import CardiganError, IndexUnavailable
-    from cardigan.reindex import ACTIVE_PHASES, Interrupted, Reindexer
-    from cardigan.snapshot import SourceSpec, count_manifest, count_s3
+    from cardigan.ops.reindex import ACTIVE_PHASES, Interrupted, Reindexer
+    from cardigan.ops.snapshot import SourceSpec, count_manifest, count_s3
     from config.settings import load_settings
 
     err = Console(stderr=True)
@@ -136,7 +136,7 @@ def reindex_command(
 
 
 def _s3(settings: Any) -> Any:
-    from cardigan.fetch import make_s3_client
+    from cardigan.imaging.fetch import make_s3_client
 
     return make_s3_client(settings.s3_endpoint_url, settings.s3_region)
 
@@ -145,7 +145,7 @@ def _run(rx: Any, *, chunk: int, max_in_flight: int, out: Any, err: Any) -> None
     """Fill (with a progress bar and ETA), verify, switch: from whatever phase was recorded."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from cardigan.reindex import ReindexError
+    from cardigan.ops.reindex import ReindexError
 
     st = rx.current()
     with Progress(

@@ -17,9 +17,10 @@ from celery import Celery
 
 from cardigan.errors import InvalidEvent
 from cardigan.event import Event, parse_event
+from cardigan.keys import INDEX_TASK
 from config.settings import Settings
 
-TASK_NAME = "cardigan.index_event"
+TASK_NAME = INDEX_TASK
 
 
 @dataclass

@@ -13,17 +13,16 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus import MilvusClient, MilvusException
 from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError, PrimaryKeyException
 
 from cardigan.errors import CardiganError, IndexRejected, IndexUnavailable
+from cardigan.store.schema import OUTPUT_FIELDS, collection_schema, index_params
 from config.settings import redact_url
 
 log = logging.getLogger(__name__)
 
-DIM = 512
 _VERSIONED = re.compile(r"^(?P<alias>.+)_v(?P<n>\d+)$")
-OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes"]
 
 
 # What Milvus says when the data, not the service, is the problem. Server (merr) codes:
@@ -126,20 +125,7 @@ class Index:
     def create_collection(self, name: str) -> None:
         if self.client.has_collection(name):
             return
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field("pk", DataType.VARCHAR, is_primary=True, max_length=200)
-        schema.add_field("product_id", DataType.VARCHAR, max_length=200)
-        schema.add_field("image_index", DataType.INT64)
-        schema.add_field("image_uri", DataType.VARCHAR, max_length=1100)
-        # how the image was cropped ({"bbox": [...]} or {"bbox": null}), so a reindex from the
-        # index crops exactly as the event asked
-        schema.add_field("crop", DataType.JSON)
-        schema.add_field("version", DataType.INT64)
-        schema.add_field("model_version", DataType.VARCHAR, max_length=128)
-        schema.add_field("attributes", DataType.JSON)
-        schema.add_field("embedding", DataType.FLOAT_VECTOR, dim=DIM)
-        idx = self.client.prepare_index_params()
-        idx.add_index(field_name="embedding", index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
+        schema, idx = collection_schema(), index_params(self.client)
         try:
             # Session: a worker reads its own writes; searches may pass their own level.
             self.client.create_collection(name, schema=schema, index_params=idx, consistency_level="Session")

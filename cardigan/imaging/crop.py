@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageChops
 
-from cardigan.decode import WHITE, decode
 from cardigan.errors import InvalidCrop
+from cardigan.imaging.decode import WHITE, decode
 
 RGB = tuple[int, int, int]
 Box = tuple[int, int, int, int]

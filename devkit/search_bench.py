@@ -22,12 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import typer
 import urllib3
-from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -67,7 +65,7 @@ def _stages(base: str) -> dict[str, float]:
 
 def closed_loop(client: Client, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
     """``clients`` threads, each sending its next query when the last one answered."""
-    from cardigan.bench import percentile
+    from devkit.bench import percentile
 
     stop = threading.Event()
     lat: list[float] = []
@@ -107,7 +105,7 @@ def closed_loop(client: Client, clients: int, seconds: float, warmup: float) -> 
 
 def paced(client: Client, rate: float, seconds: float) -> dict[str, Any]:
     """Open loop at a fixed rate: latency from when a query was due, so queueing counts."""
-    from cardigan.bench import percentile
+    from devkit.bench import percentile
 
     n = max(1, int(rate * seconds))
     lat: list[float] = []
@@ -136,11 +134,11 @@ def paced(client: Client, rate: float, seconds: float) -> dict[str, Any]:
 def run(
     *, products: int, levels: list[int], seconds: float, image_size: int, model: str, k: int, out: Path | None, say: Any
 ) -> dict[str, Any]:
-    from cardigan.bench import cpu_s, forward_only
-    from cardigan.catalog import _event, generate_catalog, image_uri, object_key, query_photo, upload
-    from cardigan.fetch import make_s3_client
-    from cardigan.stack import Stack
+    from cardigan.imaging.fetch import make_s3_client
     from config.settings import patched_env, settings_from_env
+    from devkit.bench import cpu_s, forward_only
+    from devkit.catalog import _event, generate_catalog, image_uri, object_key, query_photo, upload
+    from devkit.stack import Stack
     from encoder import build_encoder
     from workers.pipeline import Pipeline
 
@@ -267,42 +265,3 @@ def table(res: dict[str, Any]) -> Table:
             f"{cpu['service']:.1f}", f"{cpu['milvus']:.1f}", f"{cpu['clients']:.1f}", str(r["errors"] or ""),
         )  # fmt: skip
     return t
-
-
-def bench_search(
-    clients: str = typer.Option("1,8,32", "--clients", help="comma-separated concurrent client counts"),
-    seconds: float = typer.Option(10, "--seconds", min=1, help="measured seconds per level"),
-    products: int = typer.Option(300, "--products", "-n", min=1, help="synthetic products indexed first"),
-    model: str = typer.Option("mobilenet_v3_small", "--model", help="encoder backbone"),
-    image_size: int = typer.Option(224, "--image-size", min=32, max=1024),
-    k: int = typer.Option(10, "-k", min=1, max=100),
-    out: Path | None = typer.Option(None, "--out", help="write bench_search.json and the service log here"),
-) -> None:
-    """Queries/s and p50/p99 of `cardigan serve` at 1, 8 and 32 clients, next to forward-only images/s."""
-    console = Console()
-    levels = sorted({int(c) for c in clients.split(",") if c.strip()})
-    res = run(
-        products=products,
-        levels=levels,
-        seconds=seconds,
-        image_size=image_size,
-        model=model,
-        k=k,
-        out=out,
-        say=lambda m: console.print(f"[dim]{m}[/]"),
-    )
-    console.print(table(res))
-    h = res["half_peak"]
-    console.print(
-        f"encoder forward-only: {res['forward_only_images_per_s']:.0f} images/s (before/after: "
-        f"{', '.join(f'{v:.0f}' for v in res['forward_only_before_after'])}; {res['forward_only_threads']} torch threads); "
-        f"{res['levels'][-1]['clients']} clients reach {res['scaling_top_vs_1']:.2f}x the 1-client rate and "
-        f"{res['top_vs_forward_only']:.2f} of forward-only"
-    )
-    console.print(
-        f"paced at half the peak ({h['rate']:.0f}/s): p50 {h['p50_ms']:.0f} ms, p99 {h['p99_ms']:.0f} ms (p99/p50 {h['p99_ms'] / h['p50_ms']:.1f})"
-    )
-    for r in res["levels"]:
-        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["service_cpu_ms_by_stage"].items() if v >= 0.05)
-        console.print(f"service CPU ms per query by stage at {r['clients']} client(s): {stages}")
-    console.print(f"load average (1 min) before and after: {res['load_avg_1m']} (a shared machine shows here)")

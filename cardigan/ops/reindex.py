@@ -38,9 +38,8 @@ import redis
 
 from cardigan.errors import CardiganError
 from cardigan.event import primary_key
-from cardigan.guard import VersionGuard, make_redis
-from cardigan.index import Index, collection_name, collection_number, escape_filter_string
-from cardigan.snapshot import (
+from cardigan.keys import BULK_TASK, TARGETS_KEY
+from cardigan.ops.snapshot import (
     Item,
     SourceSpec,
     events_from_collection,
@@ -49,14 +48,14 @@ from cardigan.snapshot import (
     s3_items,
     wire,
 )
+from cardigan.store.guard import VersionGuard, make_redis
+from cardigan.store.index import Index, collection_name, collection_number, escape_filter_string
 from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
 STATE_KEY = "cardigan:reindex:{alias}"
 DONE_KEY = "cardigan:reindex:{alias}:chunks"
-TARGETS_KEY = "cardigan:write_targets:{alias}"  # the writer's (workers/writer.py), read every batch
-BULK_TASK = "cardigan.index_bulk"
 
 Phase = Literal["filling", "verifying", "switching", "switched", "done", "aborted"]
 ACTIVE_PHASES = ("filling", "verifying", "switching")
@@ -267,7 +266,7 @@ class Reindexer:
         if st["source"] == "manifest":
             return manifest_items(Path(st["source_arg"]), after=after, max_images=lim.max_images, max_id_len=lim.max_product_id_len)
         if s3 is None:
-            from cardigan.fetch import make_s3_client
+            from cardigan.imaging.fetch import make_s3_client
 
             s3 = make_s3_client(self.s.s3_endpoint_url, self.s.s3_region)
         return s3_items(s3, st["source_arg"], after=after, max_images=lim.max_images, max_id_len=lim.max_product_id_len)

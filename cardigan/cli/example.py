@@ -1,7 +1,7 @@
 """``cardigan example-catalog``: sample product photos in your S3, and the events that index them.
 
 A first run of a real deployment (docker compose, or your own S3/MinIO) has no catalog yet: this
-renders a few synthetic products (cardigan.catalog, the demo's generator), uploads their photos
+renders a few synthetic products (devkit.catalog, the demo's generator), uploads their photos
 to ``s3://$CARDIGAN_BUCKET/<prefix>/…`` (creating the bucket when missing) and writes one ``add``
 event per product as JSON lines, ready for ``cardigan publish``. Events go to stdout by default,
 so a container can write them to the host: ``docker compose run -T example-catalog > events.jsonl``.
@@ -21,7 +21,7 @@ from cardigan.reach import FIX, settings_or_exit
 
 def catalog_events(products: list[Any], bucket: str, prefix: str) -> list[dict[str, Any]]:
     """One ``add`` event (version 1) per product, its photos at ``s3://bucket/<prefix>/<key>``."""
-    from cardigan.catalog import image_uri, object_key
+    from devkit.catalog import image_uri, object_key
 
     events = []
     for p in products:
@@ -44,9 +44,9 @@ def example_catalog(
     """Upload sample product photos to S3 (CARDIGAN_S3_ENDPOINT_URL, CARDIGAN_BUCKET) and write their add events."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from cardigan.catalog import generate_catalog, upload
     from cardigan.event import parse_event
-    from cardigan.fetch import make_s3_client
+    from cardigan.imaging.fetch import make_s3_client
+    from devkit.catalog import generate_catalog, upload
 
     s = settings_or_exit()
     endpoint = s.s3_endpoint_url or "AWS S3"

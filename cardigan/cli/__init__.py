@@ -18,16 +18,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cardigan.errors import CardiganError
+from cardigan.keys import EX_CONFIG
 from cardigan.reach import EX_UNREACHABLE, check_broker, check_state, exit_line, state_url, talking_to
 from config.settings import Settings, load_settings
 
-EX_CONFIG = 78  # a worker's exit status for a configuration error (workers/runtime.py)
-
 app = typer.Typer(help="Keep a visual-search index of product images live.", no_args_is_help=True, pretty_exceptions_enable=False)
 dead_app = typer.Typer(help="Dead letters: events that could not be indexed, with their reasons.", no_args_is_help=True)
-stack_app = typer.Typer(help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto).", no_args_is_help=True)
 app.add_typer(dead_app, name="dead")
-app.add_typer(stack_app, name="stack")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -60,7 +57,7 @@ def publish(
     wait: float = typer.Option(0, "--wait", min=0, help="then wait up to this many seconds for each event's outcome (applied, stale, dead) and print it"),
 ) -> None:
     """Validate and publish events; report rejected lines; exit 1 if any was rejected (or, with --wait, not applied)."""
-    from cardigan.publish import Publisher, read_json_lines
+    from cardigan.ops.publish import Publisher, read_json_lines
 
     settings = _settings()
     pub = Publisher(settings)
@@ -86,8 +83,8 @@ def publish(
         console.print(f"published {report.published}, rejected {len(report.rejected)}")
     failed = bool(report.rejected)
     if wait and report.sent:
-        from cardigan.events_cli import wait_for_outcomes
-        from cardigan.guard import make_redis
+        from cardigan.cli.events import wait_for_outcomes
+        from cardigan.store.guard import make_redis
 
         with talking_to(settings, state=True):
             outcomes = wait_for_outcomes(make_redis(state_url(settings)), settings.collection, report.sent, wait)
@@ -112,13 +109,12 @@ def _valid(pub: Any, raw: Any) -> bool:
 
 def worker_argv(settings: Settings, index: int, *, queues: list[str], concurrency: int, loglevel: str) -> list[str]:
     """The celery command for one worker process (threads pool: one model, many events)."""
-    return [
-        sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
-        "--prefetch-multiplier", str(settings.worker.prefetch_multiplier),
-        "-Q", ",".join(queues), "-n", f"cardigan{index}@%h",
-        "--without-gossip", "--without-mingle", "-E", "-l", loglevel,
-    ]  # fmt: skip
+    from workers.launch import celery_worker_argv
+
+    return celery_worker_argv(
+        queues=queues, concurrency=concurrency, prefetch=settings.worker.prefetch_multiplier,
+        node=f"cardigan{index}@%h", loglevel=loglevel, task_events=True,
+    )  # fmt: skip
 
 
 def worker_env(processes: int, environ: Mapping[str, str], cores: int | None = None) -> dict[str, str]:
@@ -202,8 +198,8 @@ def search(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Find products that look like this photo."""
-    from cardigan.index import Index
-    from cardigan.query import search_image
+    from cardigan.ops.query import search_image
+    from cardigan.store.index import Index
     from encoder import build_encoder
 
     s = _settings()
@@ -226,8 +222,8 @@ def similar(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Products that look like this one (reads its vectors from the index)."""
-    from cardigan.index import Index
-    from cardigan.query import similar_products
+    from cardigan.ops.query import similar_products
+    from cardigan.store.index import Index
 
     s = _settings()
     with talking_to(s, milvus=True):
@@ -245,7 +241,7 @@ def similar(
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typer.Option(False, "--no-inspect", help="skip asking workers (faster)")) -> None:
     """Queues, work in flight, dead letters and collections."""
-    from cardigan.status import collect_status
+    from cardigan.ops.status import collect_status
     from config.celery_app import create_app
 
     s = _settings()
@@ -265,7 +261,7 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
         t.add_row("in flight", f"{f['active']} active, {f['reserved']} prefetched, {f['scheduled']} waiting to retry")
     t.add_row("dead letters", str(st["dead_letters"]) + (f" ({st['dead_letters_dropped']} dropped by cap/retention)" if st.get("dead_letters_dropped") else ""))
     if mem := st.get("redis_memory"):
-        from cardigan.status import format_memory
+        from cardigan.ops.status import format_memory
 
         t.add_row("redis memory", format_memory(mem))
     t.add_row("alias", f"{st['alias']} -> {st['live_collection']}")
@@ -288,8 +284,8 @@ def _n(n: int, noun: str) -> str:
 
 def _dead_letters() -> Any:
     """The dead letters in the state Redis, after saying where that is (exit 2 if it is down)."""
-    from cardigan.deadletter import DeadLetters
-    from cardigan.guard import make_redis
+    from cardigan.store.deadletter import DeadLetters
+    from cardigan.store.guard import make_redis
 
     s = _settings()
     with talking_to(s, state=True):
@@ -325,7 +321,7 @@ def _event_label(event: Any) -> str:
 
 def _resolve(dl: Any, ids: list[str]) -> list[str]:
     """Full ids for ids or unique prefixes (as git does); exit 1 naming the unknown or ambiguous ones."""
-    from cardigan.deadletter import AmbiguousId
+    from cardigan.store.deadletter import AmbiguousId
 
     out, missing = [], []
     for given in ids:
@@ -359,7 +355,7 @@ def dead_replay(ids: list[str] = typer.Argument(None, help="ids or unique prefix
     A replayed event that is still invalid is kept; one that fails again in the worker comes back
     as a new dead letter. Replaying an old version after a newer one was indexed changes nothing.
     """
-    from cardigan.publish import Publisher
+    from cardigan.ops.publish import Publisher
 
     dl = _dead_letters()
     if all_:
@@ -410,28 +406,28 @@ def dead_purge(
 
 # -- commands that live in their own modules (each exposes register(app)) ------------------
 # one line each; heavy imports stay inside the commands so `cardigan --help` is fast
-from cardigan.stack_cli import register as _register_stack  # noqa: E402
+from cardigan.cli.stack import register as _register_stack  # noqa: E402
 
 _register_stack(app)
-from cardigan.demo import register as _register_demo  # noqa: E402
+from cardigan.cli.demo import register as _register_demo  # noqa: E402
 
 _register_demo(app)
-from cardigan.reindex_cli import register as _register_reindex  # noqa: E402
+from cardigan.cli.reindex import register as _register_reindex  # noqa: E402
 
 _register_reindex(app)
-from cardigan.train_cli import register as _register_train  # noqa: E402
+from cardigan.cli.train import register as _register_train  # noqa: E402
 
 _register_train(app)
-from cardigan.bench import register as _register_bench  # noqa: E402
+from cardigan.cli.bench import register as _register_bench  # noqa: E402
 
 _register_bench(app)
-from cardigan.events_cli import register as _register_events  # noqa: E402
+from cardigan.cli.events import register as _register_events  # noqa: E402
 
 _register_events(app)
-from cardigan.example_cli import register as _register_example  # noqa: E402
+from cardigan.cli.example import register as _register_example  # noqa: E402
 
 _register_example(app)
-from cardigan.serve.cli import register as _register_serve  # noqa: E402
+from cardigan.cli.serve import register as _register_serve  # noqa: E402
 
 _register_serve(app)
 

@@ -20,9 +20,9 @@ events_app = typer.Typer(help="What happened to a product's events: version, tom
 
 def product_report(settings: Any, product_id: str) -> dict[str, Any]:
     """Everything recorded about one product, from the state Redis and the index."""
-    from cardigan.deadletter import DeadLetters
-    from cardigan.guard import VersionGuard, make_redis
-    from cardigan.index import Index
+    from cardigan.store.deadletter import DeadLetters
+    from cardigan.store.guard import VersionGuard, make_redis
+    from cardigan.store.index import Index
     from workers.writer import OUTCOME_KEY, TARGETS_KEY
 
     s = settings
@@ -62,7 +62,7 @@ def product_report(settings: Any, product_id: str) -> dict[str, Any]:
 def wait_for_outcomes(r: Any, alias: str, sent: list[Any], timeout_s: float, interval_s: float = 0.5) -> list[str]:
     """One line per published event once its outcome is known (applied, stale, dead, or
     superseded by a later version), or "no outcome" for those still open at the timeout."""
-    from cardigan.deadletter import DeadLetters
+    from cardigan.store.deadletter import DeadLetters
     from workers.writer import OUTCOME_KEY
 
     done: dict[int, str] = {}

@@ -7,11 +7,11 @@ from typing import Any
 
 from celery import Celery
 
-from cardigan.deadletter import DeadLetters
-from cardigan.guard import make_redis
-from cardigan.index import Index
-from cardigan.reindex import reindex_progress
-from cardigan.tombstones import Tombstones
+from cardigan.ops.reindex import reindex_progress
+from cardigan.store.deadletter import DeadLetters
+from cardigan.store.guard import make_redis
+from cardigan.store.index import Index
+from cardigan.store.tombstones import Tombstones
 from config.settings import Settings, redact_url
 from workers.writer import TARGETS_KEY
 

@@ -12,13 +12,16 @@ import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from cardigan.stack import S3_MODES, Stack, StackError
+from cardigan.cli._devkit import require_devkit
+
+if TYPE_CHECKING:  # devkit is imported when a command runs, never by `import cardigan.cli`
+    from devkit.stack import Stack
 
 DEFAULT_DIR = Path(".cardigan") / "stack"
 _CHOICES_FILE = "cardigan-stack.json"  # the flags of the last `up`, for later commands
@@ -26,7 +29,7 @@ _CHOICES_FILE = "cardigan-stack.json"  # the flags of the last `up`, for later c
 console = Console()
 err_console = Console(stderr=True)
 
-stack_app = typer.Typer(help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto), Flower.", no_args_is_help=True)
+stack_app = typer.Typer(help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto or rclone), Flower.", no_args_is_help=True)
 
 _DATA_DIR_HELP = "where the servers keep their data, pids and logs (default: $CARDIGAN_STACK_DIR or ./.cardigan/stack)"
 
@@ -46,14 +49,15 @@ def _choices(data_dir: Path) -> dict[str, Any]:
 
 def make_stack(data_dir: Path | None, *, s3: str | None = None, flower: bool | None = None) -> Stack:
     """A Stack for ``data_dir`` with the given flags, else the ones remembered from ``up``."""
+    sk = require_devkit("devkit.stack", "stack")
     d = (data_dir or default_data_dir()).absolute()
     remembered = _choices(d)
     mode = s3 or remembered.get("s3") or "moto"
-    if mode not in S3_MODES:
-        err_console.print(f"[red]error:[/] --s3 must be one of {', '.join(S3_MODES)}, not {mode!r}")
+    if mode not in sk.S3_MODES:
+        err_console.print(f"[red]error:[/] --s3 must be one of {', '.join(sk.S3_MODES)}, not {mode!r}")
         raise typer.Exit(2)
     use_flower = flower if flower is not None else bool(remembered.get("flower", False))
-    return Stack(d, s3=mode, flower=use_flower)  # type: ignore[arg-type]
+    return sk.Stack(d, s3=mode, flower=use_flower)  # type: ignore[arg-type]
 
 
 def export_lines(env: dict[str, str]) -> str:
@@ -71,6 +75,7 @@ def up(
 ) -> None:
     """Start (or reuse) the servers and print how to reach them."""
     st = make_stack(data_dir, s3=s3, flower=flower)
+    from devkit.stack import StackError
     before = {name for name, s in st.status().items() if s["running"]}
     try:
         info = st.up(timeout)
@@ -108,6 +113,8 @@ def down(
 ) -> None:
     """Stop exactly the servers this data directory's pid files name; data stays."""
     st = make_stack(data_dir)
+    from devkit.stack import StackError
+
     try:
         stopped = st.down()
     except StackError as e:
@@ -142,10 +149,5 @@ def status(
 
 
 def register(app: typer.Typer) -> None:
-    """Attach the commands under ``cardigan stack``, reusing a ``stack`` group already there."""
-    for group in app.registered_groups:
-        if group.name == "stack" and group.typer_instance is not None:
-            for cmd in stack_app.registered_commands:
-                group.typer_instance.registered_commands.append(cmd)
-            return
+    """``cardigan stack up|down|status``: the one ``stack`` group."""
     app.add_typer(stack_app, name="stack")

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from cardigan.event import primary_key
-from cardigan.index import Index
+from cardigan.store.index import Index
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class Tombstones:
         self._sweep = r.register_script(_SWEEP)
 
     def _vkey(self, collection: str) -> str:
-        return f"{self._prefix}:ver:{collection}"  # the version guard's records (cardigan/guard.py)
+        return f"{self._prefix}:ver:{collection}"  # the version guard's records (cardigan/store/guard.py)
 
     def _tkey(self, collection: str) -> str:
         return f"{self._prefix}:tomb:{collection}"

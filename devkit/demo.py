@@ -30,16 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cardigan.errors import CardiganError
-from cardigan.stack import Stack, StackInfo, log_tail
 from config.settings import Settings, redact_url, settings_from_env
+from devkit.stack import Stack, StackInfo, log_tail
 
-if TYPE_CHECKING:  # cardigan.verify imports pymilvus: slow, and `cardigan --help` should be fast
-    from cardigan.verify import Expected, VerifyReport
+if TYPE_CHECKING:  # cardigan.ops.verify imports pymilvus: slow, and `cardigan --help` should be fast
+    from cardigan.ops.verify import Expected, VerifyReport
 
 DEMO_DB = 1  # Redis database of the demo's state; db 0 is left to interactive use
 DEMO_ALIAS = "demo"
@@ -111,7 +110,7 @@ class DemoResult:
     kept_env: dict[str, str] | None = None  # the env to reach the kept stack (--keep)
     worker_pids: list[int] = field(default_factory=list)
     stopped_services: list[str] = field(default_factory=list)
-    training: dict[str, Any] | None = None  # the training report (cardigan.train_cli.report_info), when trained
+    training: dict[str, Any] | None = None  # the training report (cardigan.cli.train.report_info), when trained
     queries_scored: int = 0  # street photos behind hit_at_1 / hit_at_k
 
 
@@ -212,13 +211,12 @@ class WorkerProc:
 def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Path, *, concurrency: int, threads: int) -> WorkerProc:
     """A threads-pool worker (one model, ``concurrency`` events in flight) with the demo's env."""
     name = f"demo{i}"
-    argv = [
-        sys.executable, "-m", "celery", "-A", "config.celery_app", "worker",
-        "--pool", "threads", "--concurrency", str(concurrency),
-        "--prefetch-multiplier", str(settings.worker.prefetch_multiplier),
-        "-Q", f"{settings.queue},{settings.bulk_queue}", "-n", f"{name}@%h",
-        "--without-gossip", "--without-mingle", "-l", "INFO",
-    ]  # fmt: skip
+    from workers.launch import celery_worker_argv
+
+    argv = celery_worker_argv(
+        queues=[settings.queue, settings.bulk_queue], concurrency=concurrency,
+        prefetch=settings.worker.prefetch_multiplier, node=f"{name}@%h",
+    )  # fmt: skip
     full_env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
     # W model processes on C cores: give each its share, or torch oversubscribes the CPU
     full_env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -296,8 +294,8 @@ def stop_kept(out: Path, data_dir: Path | None = None) -> tuple[int, list[str]]:
 
 def _reset_namespace(settings: Settings) -> None:
     """Empty the demo's Redis db and drop its Milvus alias and collections: a clean start."""
-    from cardigan.guard import make_redis
-    from cardigan.index import Index
+    from cardigan.store.guard import make_redis
+    from cardigan.store.index import Index
 
     r = make_redis(settings.effective_state_url)
     try:
@@ -408,7 +406,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         for i in range(opts.workers):
             workers.append(start_worker(i, settings, env, out / "logs", concurrency=concurrency, threads=threads))
 
-        from cardigan.catalog import build_scenario, generate_catalog, upload
+        from devkit.catalog import build_scenario, generate_catalog, upload
 
         with console.status(f"rendering {opts.products} synthetic products…"):
             products = generate_catalog(opts.products, seed=opts.seed, prefix="demo", workers=cores)
@@ -435,8 +433,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         )
 
         # publish: the adds first, then the wave of changes (with duplicates and stale replays)
-        from cardigan.guard import make_redis
-        from cardigan.publish import Publisher
+        from cardigan.ops.publish import Publisher
+        from cardigan.store.guard import make_redis
 
         n_adds = next((i for i, e in enumerate(events) if not (e["type"] == "add" and e["version"] == 1)), len(events))
         pub = Publisher(settings)
@@ -472,9 +470,9 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         timings["publish_to_drained"] = round(elapsed, 2)
 
         # verify: the index must equal the state the events imply
-        from cardigan.deadletter import DeadLetters
-        from cardigan.index import Index
-        from cardigan.verify import Expected, verify_index
+        from cardigan.ops.verify import Expected, verify_index
+        from cardigan.store.deadletter import DeadLetters
+        from cardigan.store.index import Index
 
         expected: ExpectedState = {
             pid: None if e is None else Expected(e.version, e.n_images, model_version) for pid, e in scenario.expected.items()
@@ -500,7 +498,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         rows, (hit1, hitk, scored), random_weights = _queries(opts, settings, index, scenario, s3, console)
         index.close()
         t = phase("queries", t)
-        from cardigan.report import contact_sheet, html_report, results_table
+        from devkit.report import contact_sheet, html_report, results_table
 
         title = f"Cardigan demo: {len(products)} products, {len(events)} events, model {model_version}"
         console.print(results_table(rows, title="similarity: street photo → catalog (green: the right product)"))
@@ -565,9 +563,9 @@ def _queries(
 
     The rows shown are a handful; the hit rates are scored over a street photo of *every* live
     product (a handful of queries would be noise)."""
-    from cardigan.catalog import query_photo
-    from cardigan.query import search_image, similar_products
-    from cardigan.report import Hit, QueryResult
+    from cardigan.ops.query import search_image, similar_products
+    from devkit.catalog import query_photo
+    from devkit.report import Hit, QueryResult
     from encoder import build_encoder
 
     enc = build_encoder(settings.encoder).load()
@@ -605,9 +603,9 @@ def _hit_rates(enc: Any, index: Any, scenario: Any, live: list[str], *, k: int, 
     """hit@1 and hit@k of a new street photo of each live product, embedded and searched in batches."""
     import torch
 
-    from cardigan.catalog import query_photo
-    from cardigan.crop import preprocess
-    from cardigan.query import best_per_product
+    from cardigan.imaging.crop import preprocess
+    from cardigan.ops.query import best_per_product
+    from devkit.catalog import query_photo
 
     at1 = atk = 0
     for start in range(0, len(live), 64):
@@ -628,7 +626,7 @@ def _hit_rates(enc: Any, index: Any, scenario: Any, live: list[str], *, k: int, 
 def _train_encoder(opts: DemoOptions, settings: Settings, out: Path, console: Console) -> tuple[str, dict[str, Any]]:
     """A checkpoint trained on a synthetic catalog of other products (cached per settings and
     budget in ``<out>/train``): the path for the workers' env, and the training report."""
-    from cardigan.train_cli import TRAIN_SEED, TrainPlan, trained_checkpoint, training_line
+    from cardigan.cli.train import TRAIN_SEED, TrainPlan, trained_checkpoint, training_line
 
     plan = TrainPlan(
         products=opts.train_products,
@@ -727,7 +725,7 @@ def print_result(res: DemoResult, console: Console) -> None:
     lat = res.latency_ms
     console.print(f"publish → searchable: p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms ({lat['n']} writes)")
     if res.training is not None:
-        from cardigan.train_cli import training_line
+        from cardigan.cli.train import training_line
 
         console.print(training_line(res.training))
     if res.hit_at_1 is not None and res.verify.products_live:
@@ -749,53 +747,3 @@ def print_result(res: DemoResult, console: Console) -> None:
         console.print(f"search page and API: source {res.out / 'demo.env'} && cardigan serve, then open http://127.0.0.1:8080/ (API docs: /docs)")
     elif res.stopped_services:
         console.print(f"stopped: {len(res.worker_pids)} worker(s), {', '.join(res.stopped_services)}")
-
-
-def demo(
-    products: int = typer.Option(200, "--products", "-n", min=1, max=100_000, help="synthetic products in the catalog"),
-    workers: int = typer.Option(2, "--workers", "-w", min=1, max=64, help="worker processes (one model each)"),
-    keep: bool = typer.Option(False, "--keep", help="leave the stack and workers running (stop with --stop)"),
-    out: Path = typer.Option(Path("demo-out"), "--out", help="where results.html, contact_sheet.png, logs and the stack go"),
-    data_dir: Path | None = typer.Option(None, "--data-dir", help="stack data directory (default <out>/stack)"),
-    seed: int = typer.Option(0, "--seed", help="catalog and scenario seed: same seed, same events"),
-    image_size: int | None = typer.Option(None, "--image-size", min=32, max=1024, help="encoder input size (default: settings, 224)"),
-    concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="events in flight per worker"),
-    stop: bool = typer.Option(False, "--stop", help="only stop what an earlier --keep run left running"),
-    train: bool | None = typer.Option(
-        None, "--train/--no-train", help="train the encoder on a synthetic catalog first (default: when its weights are random)"
-    ),
-    train_budget: float = typer.Option(60, "--train-budget", min=1, help="seconds of training (the checkpoint is cached in --out)"),
-) -> None:
-    """Run the whole system on this machine and check the index it builds."""
-    console = Console()
-    if stop:
-        n, services = stop_kept(out.absolute(), data_dir)
-        console.print(f"stopped {n} worker(s) and {', '.join(services) or 'no servers'}")
-        return
-    opts = DemoOptions(
-        products=products,
-        workers=workers,
-        keep=keep,
-        out=out,
-        data_dir=data_dir,
-        seed=seed,
-        image_size=image_size,
-        concurrency=concurrency,
-        train=train,
-        train_budget_s=train_budget,
-    )
-    try:
-        res = run_demo(opts, console)
-    except CardiganError as e:
-        console.print(f"[red]demo failed:[/] {e.reason}")
-        raise typer.Exit(2) from None
-    except ValueError as e:  # settings: an unknown backbone, bad weights name, …
-        console.print(f"[red]demo failed (configuration):[/] {e}")
-        raise typer.Exit(2) from None
-    print_result(res, console)
-    raise typer.Exit(0 if res.ok else 1)
-
-
-def register(app: typer.Typer) -> None:
-    """``cardigan demo``."""
-    app.command("demo")(demo)

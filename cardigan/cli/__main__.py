@@ -1,0 +1,5 @@
+"""``python -m cardigan.cli``: the same as the ``cardigan`` script."""
+
+from cardigan.cli import main
+
+main()

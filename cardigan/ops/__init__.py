@@ -1,0 +1,1 @@
+"""Operations on a running system: publish, query, verify, status, reindex, snapshot."""

@@ -1,0 +1,1 @@
+"""The Milvus index and the Redis records around it: guard, dead letters, tombstones, row schema."""

@@ -1,0 +1,1 @@
+"""Development tooling: the embedded stack, synthetic catalog, report, demo and benchmarks."""
