@@ -107,8 +107,12 @@ def count_delivery(task: Task) -> Deliveries:
 
 
 def settle_for_retry(task: Task) -> None:
-    """This delivery ends in a retry we schedule (not a death)."""
-    runtime.state().hincrby(_key(task), "settled", 1)
+    """This delivery ends in a retry we schedule (not a death). Best effort: the retry is often
+    caused by the state Redis itself, and raising here would requeue at once with no backoff."""
+    try:
+        runtime.state().hincrby(_key(task), "settled", 1)
+    except redis.RedisError:
+        log.warning("retry of %s not recorded in its delivery counter (state store unavailable)", task.request.id)
 
 
 def forget_deliveries(task: Task) -> None:

@@ -234,6 +234,9 @@ def test_token_is_required(sv: Served) -> None:
     assert sv.request("GET", "/metrics", auth=False).status == 401
     r = sv.request("GET", "/v1/duplicates", auth=False, headers={"Cookie": f"cardigan_token={TOKEN}"})
     assert r.status == 200
+    # the page writes the cookie with encodeURIComponent (a base64 token has + / =)
+    r = sv.request("GET", "/v1/duplicates", auth=False, headers={"Cookie": f"cardigan_token=%{ord(TOKEN[0]):02X}{TOKEN[1:]}"})
+    assert r.status == 200
 
 
 def in_flight(sv: Served) -> float:

@@ -189,6 +189,10 @@ class Consumer(CeleryConsumer):
             return problem, _kept_event(payload, hybrid)
         if hybrid:
             args, kwargs = payload.get("args", ()), payload.get("kwargs", {})
+            try:  # Celery builds the workflow of a protocol-1 body from its own keys
+                check_embed({k: payload.get(k) for k in ("callbacks", "errbacks", "chain", "chord")})
+            except PermanentError as problem:
+                return problem, _kept_event(payload, hybrid)
         elif isinstance(payload, list | tuple) and len(payload) == 3:
             args, kwargs, embed = payload
             if not (embed is None or isinstance(embed, dict)):

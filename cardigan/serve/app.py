@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -101,7 +102,8 @@ class Gate:
             if name == b"cookie":
                 for part in value.split(b";"):
                     k, _, v = part.strip().partition(b"=")
-                    if k == b"cardigan_token" and hmac.compare_digest(v, self.token):
+                    # the page stores it with encodeURIComponent: a base64 token has + / =
+                    if k == b"cardigan_token" and hmac.compare_digest(unquote_to_bytes(v), self.token):
                         return True
         return False
 

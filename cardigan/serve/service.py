@@ -115,7 +115,13 @@ class SearchService:
         s = self.settings
         t0 = time.perf_counter()
         self.encoder.load()
-        self.fetcher = Fetcher(make_s3_client(s.s3_endpoint_url, s.s3_region), max_bytes=s.limits.max_image_bytes, local_root=s.local_root)
+        self.fetcher = Fetcher(  # the workers' limits: same bucket allow-list, same overall deadline
+            make_s3_client(s.s3_endpoint_url, s.s3_region),
+            max_bytes=s.limits.max_image_bytes,
+            local_root=s.local_root,
+            buckets=s.allowed_buckets,
+            deadline_s=s.limits.fetch_deadline_s,
+        )
         self.embedder = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="serve-embed"
         ).start()
