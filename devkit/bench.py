@@ -514,7 +514,7 @@ class Phase:
         from cardigan.store.index import Index
 
         s = self.settings
-        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        index = Index.from_settings(s)
         try:
             return index.count()
         finally:

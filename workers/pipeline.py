@@ -61,7 +61,7 @@ class Pipeline:
         s = settings
         self.state = make_redis(s.effective_state_url)
         self.guard = VersionGuard(self.state, lock_ttl_ms=s.worker.lock_ttl_ms)
-        self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        self.index = Index.from_settings(s)
         self.live = self.index.ensure()
         self.fetcher = Fetcher(
             make_s3_client(s.s3_endpoint_url, s.s3_region),

@@ -204,7 +204,7 @@ def search(
 
     s = _settings()
     with talking_to(s, milvus=True):
-        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        index = Index.from_settings(s)
         index.live_collection()  # a missing server answers here, before the model loads
         enc = build_encoder(s.encoder)
         enc.load()
@@ -227,7 +227,7 @@ def similar(
 
     s = _settings()
     with talking_to(s, milvus=True):
-        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        index = Index.from_settings(s)
         try:
             hits = similar_products(index, product_id, k=k, max_images=s.limits.max_images)
         except CardiganError as e:

@@ -27,7 +27,7 @@ def product_report(settings: Any, product_id: str) -> dict[str, Any]:
 
     s = settings
     r = make_redis(state_url(s))
-    index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+    index = Index.from_settings(s)
     try:
         live = index.live_collection()
         targets = sorted(r.smembers(TARGETS_KEY.format(alias=s.collection))) or ([live] if live else [])  # type: ignore[arg-type]

@@ -177,7 +177,7 @@ class Reindexer:
         self.s = s
         self.r = make_redis(s.effective_state_url)
         self.guard = VersionGuard(self.r, lock_ttl_ms=s.worker.lock_ttl_ms)
-        self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        self.index = Index.from_settings(s)
         self.state = ReindexState(self.r, s.collection)
         self.targets_key = TARGETS_KEY.format(alias=s.collection)
         self.model_version = model_version_for(s.encoder)

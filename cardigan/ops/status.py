@@ -54,7 +54,7 @@ def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> 
     s = settings
     r = make_redis(s.effective_state_url)
     try:
-        index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+        index = Index.from_settings(s)
         live = index.live_collection()
         collections = {}
         for name in index.collections():

@@ -192,7 +192,7 @@ class SearchService:
             with self._connect_lock:
                 if self.index is None:
                     s = self.settings
-                    self.index = Index(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
+                    self.index = Index.from_settings(s)
         return self.index
 
     async def _run(self, fn: Any, *args: Any) -> Any:

@@ -18,7 +18,7 @@ from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException
 
 from cardigan.errors import CardiganError, IndexRejected, IndexUnavailable
 from cardigan.store.schema import OUTPUT_FIELDS, collection_schema, index_params
-from config.settings import redact_url
+from config.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,11 @@ def escape_filter_string(value: str) -> str:
 
 class Index:
     """A MilvusClient bound to one alias (``CARDIGAN_COLLECTION``); thread-safe."""
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> Index:
+        """The index through the configured alias (URI, token, database): how every caller opens it."""
+        return cls(s.milvus_uri, token=s.milvus_token.get_secret_value(), db_name=s.milvus_db, alias=s.collection)
 
     def __init__(self, uri: str, *, token: str = "", db_name: str = "", alias: str, timeout: float = 20.0) -> None:
         self.alias = alias
