@@ -184,6 +184,8 @@ class Supervisor(threading.Thread):
         self._lock = threading.Lock()
         self._client: redis.Redis | None = None
         self._wake = threading.Event()
+        self._last_beat = 0.0  # monotonic time of the last heartbeat round that reached the broker
+        self._reap_from = 0.0  # no restores before this (monotonic): the grace after an outage
 
     @classmethod
     def get(cls, ttl_s: float) -> Supervisor:
@@ -246,6 +248,16 @@ class Supervisor(threading.Thread):
         for owner in mine:
             pipe.set(alive_key(owner), "1", px=int(self.ttl_s * 1000))
         pipe.execute()
+        now = time.monotonic()
+        if self._last_beat and now - self._last_beat > self.ttl_s:
+            # We could not reach the broker for longer than a heartbeat lives, so neither could our
+            # peers: every heartbeat has lapsed, live or not. Give them one TTL to beat again before
+            # anything is restored, or a short broker outage would rerun the whole fleet's work.
+            self._reap_from = now + self.ttl_s
+            log.warning("broker reachable again after %.0f s; restores of others' messages wait %.0f s for their heartbeats", now - self._last_beat, self.ttl_s)
+        self._last_beat = now
+        if now < self._reap_from:
+            return 0
         channel = next(reversed(mine.values()))  # any live channel can route a restore
         restored = 0
         for raw in client.smembers(OWNERS_KEY):
