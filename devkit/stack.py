@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardigan.errors import CardiganError
+from cardigan.procstat import proc_stat
 
 HOST = "127.0.0.1"
 SERVICES = ("valkey", "milvus", "moto", "rclone", "flower")  # start order; down goes in reverse
@@ -205,12 +206,8 @@ def wait_for(
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state, start time in clock ticks since boot) of a process, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (OSError, ValueError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # comm may contain spaces and ')'
-    return fields[0], int(fields[19])
+    st = proc_stat(pid)
+    return (st.state, st.start_ticks) if st else None
 
 
 def _proc_exe(pid: int) -> str | None:

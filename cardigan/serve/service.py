@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from cardigan import procstat
 from cardigan.errors import IndexUnavailable, InvalidEvent
 from cardigan.event import primary_key
 from cardigan.imaging.crop import preprocess
@@ -60,29 +59,15 @@ _STAGES = (
     ("serve-search", "milvus client"),  # the search batcher: gRPC request and response parsing
     ("MainThread", "http"),  # uvicorn's event loop: HTTP, multipart, routing, JSON
 )
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+def _stage(thread_name: str | None) -> str:
+    return "native" if thread_name is None else next((st for prefix, st in _STAGES if thread_name.startswith(prefix)), "other")
 
 
 def thread_cpu() -> dict[str, float]:
     """CPU seconds of this process's threads by stage (Linux /proc): where a query's CPU goes.
 
     Threads Python does not know (torch's intra-op pool, gRPC's) count as "native"."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out: dict[str, float] = {}
-    try:
-        tids = os.listdir("/proc/self/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # the thread ended
-        fields = stat[stat.rindex(")") + 2 :].split()
-        name = names.get(int(tid))
-        stage = "native" if name is None else next((st for prefix, st in _STAGES if name.startswith(prefix)), "other")
-        out[stage] = out.get(stage, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
-    return out
+    return procstat.thread_cpu(_stage)
 
 
 @dataclass
