@@ -135,7 +135,7 @@ def near_duplicates(*, seed: int = EVAL_SEED, distractors: int = _DISTRACTORS_PE
     gallery: list[Item] = []
     for name, img in photos.items():
         gallery.append(Item(_jpeg(img, 95), None, name, name))
-        for e, (edit, fn) in enumerate(EDITS):
+        for e, (_edit, fn) in enumerate(EDITS):
             rng = np.random.default_rng([seed, e, *name.encode()])
             queries.append(Item(fn(img, rng), None, name, name))
         for d in range(distractors):

@@ -88,7 +88,9 @@ def run_eval(
 
 def eval_command(
     weights: list[str] | None = typer.Option(
-        None, "--weights", "-w",
+        None,
+        "--weights",
+        "-w",
         help="[BACKBONE:]WEIGHTS, repeatable: random, a torchvision weights name (IMAGENET1K_V1) or a checkpoint path "
         "(default: the settings' encoder)",
     ),
