@@ -42,7 +42,7 @@ SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 _DISTRACTORS_PER_PHOTO = 2
 
 
-def street_to_shop(products: int = 200, *, seed: int = EVAL_SEED, workers: int | None = None) -> EvalSet:
+def street_to_shop(products: int = 100, *, seed: int = EVAL_SEED, workers: int | None = None) -> EvalSet:
     """A new street photo of each of ``products`` unseen products against all their shop photos."""
     from devkit.catalog import generate_catalog, query_photo
 
@@ -152,7 +152,7 @@ def near_duplicates(*, seed: int = EVAL_SEED, distractors: int = _DISTRACTORS_PE
     )
 
 
-def build_sets(names: tuple[str, ...] | list[str] = SETS, *, products: int = 200) -> list[EvalSet]:
+def build_sets(names: tuple[str, ...] | list[str] = SETS, *, products: int = 100) -> list[EvalSet]:
     """The named sets, in order (unknown names fail with the known ones)."""
     out = []
     for name in names:

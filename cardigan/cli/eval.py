@@ -95,7 +95,7 @@ def eval_command(
         "(default: the settings' encoder)",
     ),
     sets: list[str] | None = typer.Option(None, "--set", help="street2shop and/or neardup (default: both)"),
-    products: int = typer.Option(200, "--products", "-n", min=2, max=100_000, help="products in the street→shop set"),
+    products: int = typer.Option(100, "--products", "-n", min=2, max=100_000, help="products in the street→shop set"),
     image_size: int | None = typer.Option(None, "--image-size", min=32, max=1024, help="encoder input size (default: settings)"),
     crop: str = typer.Option("given", "--crop", help="queries: given (the set's boxes), centre (no box: trim or centre) or localise"),
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
