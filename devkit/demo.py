@@ -51,7 +51,7 @@ _RUN_FILE = "demo-run.json"  # under <out>/run: workers and services a --keep ru
 # number of steps (no wall clock: same seed, same checkpoint, whatever the machine's load).
 DEMO_BACKBONE = "mobilenet_v2"
 DEMO_WEIGHTS = "IMAGENET1K_V1"
-DEMO_TRAIN_STEPS = 100
+DEMO_TRAIN_STEPS = 60
 DEMO_TRAINED_BLOCKS = 5  # from ImageNet weights, fine-tune the last 5 trunk blocks (and the head)
 
 ExpectedState = dict[str, "Expected | None"]
@@ -753,7 +753,7 @@ def evaluate_encoders(opts: DemoOptions, start: Any, settings: Settings, *, trai
 
     specs = [(f"{start.backbone}:{start.weights}", start)]
     if trained:
-        specs.append((f"{start.backbone}:{start.weights} + {opts.train_steps} steps on the catalog", settings.encoder))
+        specs.append((f"{start.backbone}:{start.weights} + {opts.train_steps} steps", settings.encoder))
     with console.status("building the eval sets (unseen synthetic products, real photographs)…"):
         sets = build_sets(list(SETS), products=opts.eval_products)
     scores = run_eval(specs, sets, max_pixels=settings.limits.max_image_pixels, console=console)

@@ -32,7 +32,7 @@ def demo(
     train: bool | None = typer.Option(
         None, "--train/--no-train", help="fine-tune the encoder on a synthetic catalog first (default: unless --weights is a checkpoint)"
     ),
-    train_steps: int = typer.Option(100, "--train-steps", min=1, help="training steps (fixed: same seed, same checkpoint; cached in --out)"),
+    train_steps: int = typer.Option(60, "--train-steps", min=1, help="training steps (fixed: same seed, same checkpoint; cached in --out)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score the encoder before and after training (cardigan eval) at the end"),
 ) -> None:
     """Run the whole system on this machine and check the index it builds."""
