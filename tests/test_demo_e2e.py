@@ -93,9 +93,7 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     # cardigan eval at the end: the pretrained start and the fine-tuned encoder, on both sets
     rows = {(r["set"], r["encoder"]) for r in summary["evaluation"]}
     assert rows == {
-        (s, e)
-        for s in ("street2shop", "neardup")
-        for e in ("mobilenet_v2:IMAGENET1K_V1", "mobilenet_v2:IMAGENET1K_V1 + 2 steps")
+        (s, e) for s in ("street2shop", "neardup") for e in ("mobilenet_v2:IMAGENET1K_V1", "mobilenet_v2:IMAGENET1K_V1 + 2 steps")
     }
     assert all(0 <= r["recall@1"] <= r["recall@5"] <= 1 for r in summary["evaluation"]) and "cardigan eval: retrieval quality" in text
     _nothing_runs(res)
