@@ -744,18 +744,22 @@ def _trainable(weights: str) -> bool:
     return w == "random" or is_weights_name(w)
 
 
-def evaluate_encoders(opts: DemoOptions, start: Any, settings: Settings, *, trained: bool, console: Console) -> list[dict[str, Any]]:
+def evaluate_encoders(opts: DemoOptions, start: Any, settings: Settings, *, trained: bool, console: Console) -> list[dict[str, Any]] | None:
     """``cardigan eval`` of the starting weights and (when trained) the demo's encoder, on the
     street→shop set (products neither the training nor this demo's catalog holds) and the
-    real-photo near-duplicates; prints the table, returns its rows."""
+    real-photo near-duplicates; prints the table, returns its rows (None: no real photos here)."""
     from cardigan.cli.eval import run_eval, scores_table
     from devkit.evalsets import SETS, build_sets
 
     specs = [(f"{start.backbone}:{start.weights}", start)]
     if trained:
         specs.append((f"{start.backbone}:{start.weights} + {opts.train_steps} steps", settings.encoder))
-    with console.status("building the eval sets (unseen synthetic products, real photographs)…"):
-        sets = build_sets(list(SETS), products=opts.eval_products)
+    try:
+        with console.status("building the eval sets (unseen synthetic products, real photographs)…"):
+            sets = build_sets(list(SETS), products=opts.eval_products)
+    except RuntimeError as e:  # scikit-image missing: the index is verified already, say what is missing
+        console.print(f"[yellow]eval skipped:[/] {e}")
+        return None
     scores = run_eval(specs, sets, max_pixels=settings.limits.max_image_pixels, console=console)
     console.print(scores_table(scores, title=f"cardigan eval: retrieval quality, image size {settings.encoder.image_size}"))
     for ev in sets:
