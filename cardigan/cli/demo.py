@@ -21,10 +21,19 @@ def demo(
     image_size: int | None = typer.Option(None, "--image-size", min=32, max=1024, help="encoder input size (default: settings, 224)"),
     concurrency: int | None = typer.Option(None, "--concurrency", "-c", min=1, help="events in flight per worker"),
     stop: bool = typer.Option(False, "--stop", help="only stop what an earlier --keep run left running"),
-    train: bool | None = typer.Option(
-        None, "--train/--no-train", help="train the encoder on a synthetic catalog first (default: when its weights are random)"
+    backbone: str | None = typer.Option(
+        None, "--backbone", help="encoder backbone (default: CARDIGAN_ENCODER__BACKBONE, else mobilenet_v2)"
     ),
-    train_budget: float = typer.Option(60, "--train-budget", min=1, help="seconds of training (the checkpoint is cached in --out)"),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="random, a torchvision weights name or a checkpoint (default: CARDIGAN_ENCODER__WEIGHTS, else IMAGENET1K_V1)",
+    ),
+    train: bool | None = typer.Option(
+        None, "--train/--no-train", help="fine-tune the encoder on a synthetic catalog first (default: unless --weights is a checkpoint)"
+    ),
+    train_steps: int = typer.Option(60, "--train-steps", min=1, help="training steps (fixed: same seed, same checkpoint; cached in --out)"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="score the encoder before and after training (cardigan eval) at the end"),
 ) -> None:
     """Run the whole system on this machine and check the index it builds."""
     dm = require_devkit("devkit.demo", "demo")
@@ -42,8 +51,11 @@ def demo(
         seed=seed,
         image_size=image_size,
         concurrency=concurrency,
+        backbone=backbone,
+        weights=weights,
         train=train,
-        train_budget_s=train_budget,
+        train_steps=train_steps,
+        evaluate=evaluate,
     )
     try:
         res = dm.run_demo(opts, console)
