@@ -53,7 +53,7 @@ class CropSettings(BaseModel):
     # for mobilenet_v2 IMAGENET1K_V1); "energy": the trunk's activation energy; "none": centre.
     # Random weights, or a trunk the head was not trained on, centre-crop (logged once).
     localiser: Literal["none", "energy", "boxhead"] = "boxhead"
-    localiser_size: int = Field(224, ge=64, le=1024)  # the photo is stretched to this square
+    localiser_size: int = Field(320, ge=64, le=1024)  # the photo is stretched to this square (measured best)
 
 
 class LimitSettings(BaseModel):

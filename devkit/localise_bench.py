@@ -49,8 +49,10 @@ def street_photos(n: int, *, prefix: str, seed: int) -> list[tuple[Image.Image, 
     return out
 
 
-def load_encoder(backbone: str, weights: str, size: int = 224) -> Encoder:
-    return Encoder(EncoderSettings(backbone=backbone, weights=weights, image_size=size, runtime="torch", device="cpu")).load()
+def load_encoder(backbone: str, weights: str, size: int = 224, *, graph: bool = True) -> Encoder:
+    """The encoder on the CPU with torch (``graph``: its frozen TorchScript graph, for embedding)."""
+    s = EncoderSettings(backbone=backbone, weights=weights, image_size=size, runtime="torch", device="cpu", cpu_graph=graph)
+    return Encoder(s).load()
 
 
 def coverage(box: Box, image_size: tuple[int, int], grid: tuple[int, int]) -> np.ndarray:
@@ -99,7 +101,7 @@ def fit_head(feats: torch.Tensor, targets: torch.Tensor, *, l2: float = 1e-3, it
 
 def train(backbone: str, weights: str, n: int, size: int, out: Path, console: Console) -> Path:
     t0 = time.perf_counter()
-    enc = load_encoder(backbone, weights)
+    enc = load_encoder(backbone, weights, graph=False)
     trunk = enc.trunk
     photos = street_photos(n, prefix=TRAIN_PREFIX, seed=TRAIN_SEED)
     feats = features(trunk, photos, size)
@@ -230,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--backbone", default="mobilenet_v2")
     ap.add_argument("--weights", default="IMAGENET1K_V1", help="a torchvision weights name or a checkpoint path")
     ap.add_argument("--photos", type=int, default=None, help="train: 400 street photos; measure: 120 held-out products")
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--size", type=int, default=320, help="the localiser's input (crop.localiser_size)")
     ap.add_argument("--out", type=Path, default=None, help=f"train: default {HEADS_DIR}/<backbone>.npz")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args(argv)
