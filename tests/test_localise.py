@@ -75,7 +75,7 @@ class Counting:
     """Wraps the real localiser to count how often the crop asks it."""
 
     def __init__(self, loc: Localiser) -> None:
-        self.loc, self.calls = loc, 0
+        self.loc, self.calls, self.size = loc, 0, loc.size
 
     def box(self, img: Image.Image) -> Box | None:
         self.calls += 1
@@ -104,8 +104,8 @@ def test_queries_crop_like_indexing(encoder: Encoder, street: list[tuple[Image.I
     """The worker and the search service each build their encoder from settings and ask
     localiser_for: the same photo without a bbox becomes the same tensor on both sides."""
     crop = CropSettings(localiser="boxhead")
-    worker_side = build_encoder(PRETRAINED).load()
-    query_side = build_encoder(PRETRAINED).load()
+    worker_side = encoder
+    query_side = build_encoder(PRETRAINED).load()  # its own encoder, as the search service has
     _, data, _ = street[1]
     indexed, m1 = preprocess(data, None, size=64, max_pixels=LIMIT, localiser=localiser_for(worker_side, crop))
     queried, m2 = preprocess(data, None, size=64, max_pixels=LIMIT, localiser=localiser_for(query_side, crop))

@@ -33,6 +33,8 @@ Box = tuple[int, int, int, int]
 class FindsProduct(Protocol):
     """A localiser (cardigan.imaging.localise.Localiser): a box in ``img``'s pixels, or None."""
 
+    size: int  # it looks at the photo at this size: decode no smaller
+
     def box(self, img: Image.Image) -> Box | None: ...
 
 
@@ -230,7 +232,8 @@ def preprocess(
     ``field_prefix`` names the image in the event (``"images[2]"``): decode errors carry it,
     bbox errors carry ``"images[2].bbox"``, so a dead letter says which image was wrong.
     """
-    decoded = decode(data, max_pixels=max_pixels, target_size=size, crop_hint=bbox, field=field_prefix, max_bytes=max_bytes)
+    target = size if localiser is None or bbox is not None else max(size, localiser.size)
+    decoded = decode(data, max_pixels=max_pixels, target_size=target, crop_hint=bbox, field=field_prefix, max_bytes=max_bytes)
     crop, method, fill = crop_with_background(
         decoded.image, bbox, field=f"{field_prefix}.bbox", source_size=decoded.source_size, localiser=localiser
     )
