@@ -26,6 +26,7 @@ def test_a_busy_photo_without_bbox_is_found_by_the_same_crop(ns: Namespace) -> N
         CARDIGAN_ENCODER__BACKBONE="mobilenet_v2",
         CARDIGAN_ENCODER__WEIGHTS="IMAGENET1K_V1",
         CARDIGAN_ENCODER__RUNTIME="torch",
+        CARDIGAN_ENCODER__CPU_GRAPH="false",  # eager: no trace at load (the localiser still traces its own graph)
         CARDIGAN_CROP__LOCALISER="boxhead",
     )
     photos = [query_photo(render_product(f"loc-{i}", 0, 1, seed=777)) for i in range(3)]
