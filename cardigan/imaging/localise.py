@@ -3,7 +3,7 @@
 The worker already owns a feature trunk (the encoder's); this module reuses it instead of
 loading a detector. The photo is stretched to ``size``×``size`` (the trunk is convolutional,
 stretching keeps the whole scene and maps back with two scales), the trunk gives a g×g
-feature map (7×7 at 224 px for mobilenet_v2), and a heat map comes out of it:
+feature map (10×10 at the default 320 px for mobilenet_v2), and a heat map comes out of it:
 
 - ``boxhead``: a 1×1 convolution (one logistic unit per cell, 1,281 numbers for mobilenet_v2)
   trained on synthetic street photos whose generator knows every box
@@ -15,7 +15,7 @@ feature map (7×7 at 224 px for mobilenet_v2), and a heat map comes out of it:
   no training, and means nothing on random weights (refused there too).
 
 The heat map is upsampled, thresholded, and the component holding most heat becomes the box.
-Measured against the centre crop in README ("Finding the product"); the decision order
+Measured against the centre crop in README ("Finding the product in busy photos"); the order
 (bbox > plain-background trim > localiser > centre) lives in :mod:`cardigan.imaging.crop`.
 """
 
