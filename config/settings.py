@@ -46,6 +46,16 @@ class EncoderSettings(BaseModel):
     onnx_cache_dir: str = ""
 
 
+class CropSettings(BaseModel):
+    """How a photo with no bbox and no plain background (a street photo) is cropped."""
+
+    # "boxhead": a tiny head on the encoder's trunk, trained on synthetic street photos (ships
+    # for mobilenet_v2 IMAGENET1K_V1); "energy": the trunk's activation energy; "none": centre.
+    # Random weights, or a trunk the head was not trained on, centre-crop (logged once).
+    localiser: Literal["none", "energy", "boxhead"] = "boxhead"
+    localiser_size: int = Field(320, ge=64, le=1024)  # the photo is stretched to this square (measured best)
+
+
 class LimitSettings(BaseModel):
     """Bounds on untrusted input: images come from the catalog, not from us."""
 
@@ -133,6 +143,7 @@ class Settings(BaseSettings):
     metrics_port: int = 0  # 0: no Prometheus endpoint
     metrics_host: str = "127.0.0.1"  # loopback: the endpoint has no auth
     encoder: EncoderSettings = EncoderSettings()
+    crop: CropSettings = CropSettings()
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
     serve: ServeSettings = ServeSettings()

@@ -202,6 +202,14 @@ class Encoder:
         return "onnxruntime" if self._ort is not None else "torch"
 
     @property
+    def trunk(self) -> nn.Module:
+        """The loaded feature trunk (eval, on :attr:`device`): the crop's localiser reuses it
+        rather than loading a second model. Raises before :meth:`load`."""
+        if self._net is None:
+            raise RuntimeError("Encoder.trunk: call load() first")
+        return self._net.trunk
+
+    @property
     def loaded(self) -> bool:
         return self._net is not None
 

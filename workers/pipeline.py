@@ -24,6 +24,7 @@ from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.imaging.crop import preprocess
 from cardigan.imaging.fetch import Fetcher, make_s3_client
+from cardigan.imaging.localise import localiser_for
 from cardigan.keys import OUTCOME_KEY, STATS_KEY
 from cardigan.store.guard import VersionGuard, make_redis
 from cardigan.store.index import Index
@@ -73,6 +74,7 @@ class Pipeline:
         )
         self.encoder = encoder or build_encoder(s.encoder)
         self.encoder.load()
+        self.localiser = localiser_for(self.encoder, s.crop)  # busy photos without a bbox; reuses the trunk
         self.writer = IndexWriter(
             self.index,
             self.guard,
@@ -165,6 +167,7 @@ class Pipeline:
             max_pixels=self.settings.limits.max_image_pixels,
             max_bytes=self.settings.limits.max_decode_bytes,
             field_prefix=field,
+            localiser=self.localiser,
         )
         return tensor
 

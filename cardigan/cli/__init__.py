@@ -208,8 +208,12 @@ def search(
         index.live_collection()  # a missing server answers here, before the model loads
         enc = build_encoder(s.encoder)
         enc.load()
+        from cardigan.imaging.localise import localiser_for
+
         try:
-            hits = search_image(index, enc, image.read_bytes(), k=k, max_pixels=s.limits.max_image_pixels)
+            hits = search_image(
+                index, enc, image.read_bytes(), k=k, max_pixels=s.limits.max_image_pixels, localiser=localiser_for(enc, s.crop)
+            )
         except CardiganError as e:
             _fail(e.reason)
     _hits_out(hits, as_json, f"products like {image.name}")

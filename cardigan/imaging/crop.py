@@ -5,6 +5,8 @@ Three ways to find the product, in order of trust:
 - ``bbox``: the catalog says where it is (pixels of the upright, full-size image);
 - ``trim``: no bbox, but the photo is shot on a plain background (the catalog norm), so the
   product is whatever differs from the colour of the border;
+- ``localised``: a busy photo, and the process has a localiser (:mod:`cardigan.imaging.localise`,
+  the encoder's trunk says where the product is);
 - ``centre``: anything else (a lifestyle photo): the central square, as ImageNet models expect.
 
 :func:`to_tensor` keeps the aspect ratio and pads to a square with the background, rather than
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,6 +28,15 @@ from cardigan.imaging.decode import WHITE, decode
 
 RGB = tuple[int, int, int]
 Box = tuple[int, int, int, int]
+
+
+class FindsProduct(Protocol):
+    """A localiser (cardigan.imaging.localise.Localiser): a box in ``img``'s pixels, or None."""
+
+    size: int  # it looks at the photo at this size: decode no smaller
+
+    def box(self, img: Image.Image) -> Box | None: ...
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,8 +81,12 @@ def crop_with_background(
     *,
     field: str = "bbox",
     source_size: tuple[int, int] | None = None,
+    localiser: FindsProduct | None = None,
 ) -> tuple[Image.Image, str, RGB]:
-    """As :func:`crop_image`, plus the colour to pad the crop with (the trimmed background)."""
+    """As :func:`crop_image`, plus the colour to pad the crop with (the trimmed background).
+
+    Order: bbox > plain-background trim > ``localiser`` (only here: it runs a forward pass) > centre.
+    """
     if bbox is not None:
         box = bbox_to_box(bbox, img.size, source_size or img.size, field=field)
         return _crop(img, box), "bbox", WHITE
@@ -78,6 +94,8 @@ def crop_with_background(
     if found is not None:
         box, background = found
         return _crop(img, box), "trim", background
+    if localiser is not None and (found_box := localiser.box(img)) is not None:
+        return _crop(img, found_box), "localised", WHITE
     return _crop(img, centre_box(img.size)), "centre", WHITE
 
 
@@ -207,14 +225,18 @@ def preprocess(
     max_pixels: int,
     field_prefix: str = "image",
     max_bytes: int | None = None,
+    localiser: FindsProduct | None = None,
 ) -> tuple[torch.Tensor, str]:
     """Bytes of one image to a model input: decode, crop, resize; returns (tensor, method).
 
     ``field_prefix`` names the image in the event (``"images[2]"``): decode errors carry it,
     bbox errors carry ``"images[2].bbox"``, so a dead letter says which image was wrong.
     """
-    decoded = decode(data, max_pixels=max_pixels, target_size=size, crop_hint=bbox, field=field_prefix, max_bytes=max_bytes)
-    crop, method, fill = crop_with_background(decoded.image, bbox, field=f"{field_prefix}.bbox", source_size=decoded.source_size)
+    target = size if localiser is None or bbox is not None else max(size, localiser.size)
+    decoded = decode(data, max_pixels=max_pixels, target_size=target, crop_hint=bbox, field=field_prefix, max_bytes=max_bytes)
+    crop, method, fill = crop_with_background(
+        decoded.image, bbox, field=f"{field_prefix}.bbox", source_size=decoded.source_size, localiser=localiser
+    )
     return to_tensor(crop, size, fill=fill), method
 
 

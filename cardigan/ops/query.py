@@ -8,7 +8,7 @@ from typing import Any
 
 from cardigan.errors import InvalidEvent
 from cardigan.event import is_product_id
-from cardigan.imaging.crop import preprocess
+from cardigan.imaging.crop import FindsProduct, preprocess
 from cardigan.store.index import Index
 from encoder import Encoder
 
@@ -40,9 +40,21 @@ def best_per_product(rows: list[dict[str, Any]], k: int, exclude: str | None = N
     return sorted(best.values(), key=lambda h: -h.score)[:k]
 
 
-def search_image(index: Index, encoder: Encoder, data: bytes, *, k: int, max_pixels: int, bbox: tuple[float, float, float, float] | None = None) -> list[Hit]:
-    """Embed a query photo like an indexed one (same crop and model) and search."""
-    tensor, _ = preprocess(data, bbox, size=encoder.image_size, max_pixels=max_pixels, field_prefix="query")
+def search_image(
+    index: Index,
+    encoder: Encoder,
+    data: bytes,
+    *,
+    k: int,
+    max_pixels: int,
+    bbox: tuple[float, float, float, float] | None = None,
+    localiser: FindsProduct | None = None,
+) -> list[Hit]:
+    """Embed a query photo like an indexed one (same crop and model) and search.
+
+    ``localiser``: the workers' (``localiser_for(encoder, settings.crop)``), so a busy photo is
+    cropped the same way on both sides."""
+    tensor, _ = preprocess(data, bbox, size=encoder.image_size, max_pixels=max_pixels, field_prefix="query", localiser=localiser)
     vec = encoder.embed(tensor.unsqueeze(0))[0]
     rows = index.search([vec.tolist()], k * 4)[0]
     return best_per_product(rows, k)

@@ -30,6 +30,7 @@ from cardigan.event import primary_key
 from cardigan.imaging.crop import preprocess
 from cardigan.imaging.decode import sniff_format
 from cardigan.imaging.fetch import Fetcher, make_s3_client
+from cardigan.imaging.localise import Localiser, localiser_for
 from cardigan.ops.query import Hit, best_per_product
 from cardigan.serve.filters import BadRequest, filter_expression
 from cardigan.store.index import Index
@@ -88,6 +89,7 @@ class SearchService:
         self.fetcher: Fetcher | None = None
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] | None = None
         self.searcher: MicroBatcher[SearchItem, list[dict[str, Any]]] | None = None
+        self.localiser: Localiser | None = None  # the workers' crop of busy photos (start())
         self._prep = ThreadPoolExecutor(max(2, settings.worker.fetch_threads // 2), thread_name_prefix="prep")
         self.started_at = 0.0
         self._connect_lock = threading.Lock()
@@ -100,6 +102,7 @@ class SearchService:
         s = self.settings
         t0 = time.perf_counter()
         self.encoder.load()
+        self.localiser = localiser_for(self.encoder, s.crop)  # same trunk, same settings as the workers
         self.fetcher = Fetcher(  # the workers' limits: same bucket allow-list, same overall deadline
             make_s3_client(s.s3_endpoint_url, s.s3_region),
             max_bytes=s.limits.max_image_bytes,
@@ -197,7 +200,14 @@ class SearchService:
         expr = filter_expression(filters)
         s = self.settings
         tensor, _ = await self._run(
-            lambda: preprocess(data, bbox, size=self.encoder.image_size, max_pixels=s.limits.max_image_pixels, field_prefix="file")
+            lambda: preprocess(
+                data,
+                bbox,
+                size=self.encoder.image_size,
+                max_pixels=s.limits.max_image_pixels,
+                field_prefix="file",
+                localiser=self.localiser,
+            )
         )
         assert self.embedder is not None
         vec = await asyncio.wrap_future(self.embedder.submit(tensor))
