@@ -10,6 +10,14 @@ from __future__ import annotations
 FRESHNESS_KEY = "cardigan:freshness_ms"  # publish → vector written, ms (the writer pushes, bench/demo read)
 STATS_KEY = "cardigan:stats:{alias}"  # per-process pipeline stage stats (workers.pipeline)
 TARGETS_KEY = "cardigan:write_targets:{alias}"  # collections every write goes to (two during a reindex)
+# double listings (cardigan/duplicates): products waiting for a check, found pairs, backfill cursor
+DUP_PENDING_KEY = "cardigan:dup:pending:{alias}"  # ZSET product_id -> when it is due (ms); writers add, detectors drain
+DUP_SINCE_KEY = "cardigan:dup:since:{alias}"  # HASH product_id -> publish (or write) time, ms: detection lag
+DUP_PAIRS_KEY = "cardigan:dup:pairs:{alias}"  # HASH "<a>\x1f<b>" (a < b) -> JSON evidence
+DUP_LINKS_KEY = "cardigan:dup:links:{alias}:{product_id}"  # SET: the products paired with one product
+DUP_LAG_KEY = "cardigan:dup:lag_ms:{alias}"  # LIST of publish -> pair checked samples, ms (newest first)
+DUP_COUNTS_KEY = "cardigan:dup:counts:{alias}"  # HASH counters: checked, pairs_added, pairs_dropped, failures, groups_new
+DUP_SCAN_KEY = "cardigan:dup:scan:{alias}"  # HASH: the backfill's cursor and counts (resumable)
 
 # Celery task names: the wire contract with producers (docs/message-format.md)
 INDEX_TASK = "cardigan.index_event"

@@ -98,6 +98,22 @@ class ServeSettings(BaseModel):
     search_batch: int = Field(64, ge=1)  # query vectors per Milvus search call
 
 
+class DuplicateSettings(BaseModel):
+    """Double-listing detection: after a product's vectors are written, off the critical path."""
+
+    enabled: bool = True  # a detector thread in each worker process drains the pending set
+    # Cosine score above which two products' best-matching images are one listing; chosen from
+    # the precision/recall curve of the planted set (devkit/doubles.py, README "Double listings")
+    threshold: float = Field(0.96, ge=-1.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
+    poll_ms: float = Field(100.0, ge=1, le=60_000)  # how often an idle detector looks for work
+    retry_s: float = Field(10.0, ge=0.1)  # a claimed batch not finished in this time is retried
+    hits_per_image: int = Field(32, ge=1, le=1024)  # range-search hits kept per image
+    lag_samples: int = Field(10_000, ge=0)  # lag samples kept in Redis for status and bench
+    # a broker queue that gets one JSON message per new group (for seller review); empty: none
+    events_queue: str = ""
+
+
 class Settings(BaseSettings):
     """Everything a process needs to know to find its broker, index and images."""
 
@@ -136,6 +152,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
     serve: ServeSettings = ServeSettings()
+    duplicates: DuplicateSettings = DuplicateSettings()
 
     @field_validator("s3_buckets", mode="before")
     @classmethod

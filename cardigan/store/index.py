@@ -195,11 +195,12 @@ class Index:
         res = self._call("query", name, filter="", output_fields=["count(*)"], consistency_level="Strong")
         return int(res[0]["count(*)"]) if res else 0
 
-    def get(self, ids: Sequence[str], fields: Sequence[str], collection: str | None = None) -> list[dict[str, Any]]:
+    def get(self, ids: Sequence[str], fields: Sequence[str], collection: str | None = None, *, consistency: str | None = None) -> list[dict[str, Any]]:
         """Rows by primary key: no filter string, so no injection and no scan."""
         if not ids:
             return []
-        return [dict(r) for r in self._call("get", collection or self.alias, ids=list(ids), output_fields=list(fields))]
+        kw = {"consistency_level": consistency} if consistency else {}
+        return [dict(r) for r in self._call("get", collection or self.alias, ids=list(ids), output_fields=list(fields), **kw)]
 
     def get_product(self, product_id: str, max_images: int, collection: str | None = None) -> list[dict[str, Any]]:
         """A product's rows (all K possible keys), image 0 first."""
@@ -232,3 +233,24 @@ class Index:
             consistency_level=consistency,
         )
         return [[{"score": float(h["distance"]), **dict(h["entity"]), "pk": h.get("id", h.get("pk"))} for h in hits] for hits in res]
+
+    def range_search(
+        self, vectors: Sequence[Sequence[float]], radius: float, limit: int, *, fields: Sequence[str], consistency: str = "Strong"
+    ) -> list[list[dict[str, Any]]]:
+        """Every hit scoring above ``radius`` (cosine), at most ``limit`` per vector, one call.
+
+        Range search: on a server ``radius`` is the exclusive lower bound for COSINE and the
+        optional ``range_filter`` the inclusive upper one; we leave the upper bound out, as an
+        exact copy can score a hair above 1.0 in float32. Milvus Lite post-filters the top
+        ``5 × limit`` hits with the same semantics. ``ef`` must cover ``limit`` for HNSW.
+        """
+        res = self._call(
+            "search",
+            self.alias,
+            data=[list(map(float, v)) for v in vectors],
+            limit=limit,
+            output_fields=list(fields),
+            search_params={"metric_type": "COSINE", "params": {"radius": float(radius), "ef": max(64, limit)}},
+            consistency_level=consistency,
+        )
+        return [[{"score": float(h["distance"]), **dict(h["entity"])} for h in hits] for hits in res]
