@@ -430,6 +430,9 @@ _register_example(app)
 from cardigan.cli.serve import register as _register_serve  # noqa: E402
 
 _register_serve(app)
+from cardigan.cli.duplicates import register as _register_duplicates  # noqa: E402
+
+_register_duplicates(app)
 
 
 def main() -> None:
