@@ -283,7 +283,7 @@ def draw_curve(points: Sequence[Point], chosen: Point, path: Path, title: str) -
         d.line([(x, H - B), (x, H - B + 5)], fill="black")
         d.text((x - 16, H - B + 8), f"{t:.3f}", fill="black", font=font)
     d.rectangle((L, T, W - R, H - B), outline="black")
-    for name, colour, get in (("precision", (31, 119, 180), lambda p: p.precision), ("recall", (214, 39, 40), lambda p: p.recall)):
+    for _name, colour, get in (("precision", (31, 119, 180), lambda p: p.precision), ("recall", (214, 39, 40), lambda p: p.recall)):
         d.line([xy(p.threshold, get(p)) for p in points], fill=colour, width=3)
     cx = xy(chosen.threshold, 0)[0]
     d.line([(cx, T), (cx, H - B)], fill=(44, 160, 44), width=2)
