@@ -66,6 +66,11 @@ def test_double_listings_are_found_dropped_on_modify_and_delete_and_rescanned(ns
     out = _cli(ns, "show", "copy-2", "--json")
     assert {m["product_id"] for m in json.loads(out.stdout)["matches"]} == {a.product_id, "copy-1"}
 
+    env = {**os.environ, **ns.env, "PYTHONPATH": str(ROOT)}
+    st = subprocess.run([sys.executable, "-m", "cardigan.cli", "status", "--json", "--no-inspect"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    dp = json.loads(st.stdout)["duplicates"]
+    assert (dp["groups_open"], dp["pairs_open"], dp["pending"]) == (1, 3, 0) and dp["lag_p99_ms"] is not None
+
     # one new group was announced on the duplicates queue, as JSON
     with Connection(ns.settings.broker_url) as conn:
         q = conn.SimpleQueue(f"dups.{tag}")
