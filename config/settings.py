@@ -104,7 +104,7 @@ class DuplicateSettings(BaseModel):
     enabled: bool = True  # a detector thread in each worker process drains the pending set
     # Cosine score above which two products' best-matching images are one listing; chosen from
     # the precision/recall curve of the planted set (devkit/doubles.py, README "Double listings")
-    threshold: float = Field(0.96, ge=-1.0, le=1.0)
+    threshold: float = Field(0.9725, ge=-1.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
     poll_ms: float = Field(100.0, ge=1, le=60_000)  # how often an idle detector looks for work
     retry_s: float = Field(10.0, ge=0.1)  # a claimed batch not finished in this time is retried
