@@ -92,7 +92,7 @@ def _edit(src: SyntheticImage, rng: np.random.Generator) -> tuple[bytes, tuple[i
     if src.bbox is not None:
         bx0, by0, bx1, by1 = src.bbox
         sw, sh = img.size
-        f = (lambda v, o, lim: int(min(max((v - o) * scale, 0), lim)))  # noqa: E731
+        f = lambda v, o, lim: int(min(max((v - o) * scale, 0), lim))  # noqa: E731
         bbox = (f(bx0, x0, sw - 1), f(by0, y0, sh - 1), f(bx1, x0, sw), f(by1, y0, sh))
         if bbox[2] - bbox[0] < 2 or bbox[3] - bbox[1] < 2:
             bbox = None
@@ -153,7 +153,12 @@ def _listing(orig: SyntheticProduct, kind: str, pid: str, rng: np.random.Generat
         look = replace(look, base=base, accent=accent, detail=tuple(int(c * 0.45) for c in base))  # type: ignore[arg-type]
     elif kind == "alike":
         others = [p for p in PATTERNS if p != look.pattern]
-        look = replace(look, pattern=others[int(rng.integers(len(others)))], period=float(rng.uniform(18, 48)), angle=float(rng.choice([0.0, 90.0, 45.0])))
+        look = replace(
+            look,
+            pattern=others[int(rng.integers(len(others)))],
+            period=float(rng.uniform(18, 48)),
+            angle=float(rng.choice([0.0, 90.0, 45.0])),
+        )
     elif kind != "rephoto":
         raise ValueError(f"unknown kind {kind!r}")
     return SyntheticProduct(pid, orig.category, _shoot(look, n, pid, seed, kind), 0, seed)
@@ -238,7 +243,17 @@ def curve(scores: dict[frozenset[str], float], planted: Planted, thresholds: Seq
         flagged = {p for p, s in scores.items() if s > t}
         tp = len(flagged & pos)
         fp = len(flagged - pos)
-        out.append(Point(round(t, 4), tp / len(flagged) if flagged else 1.0, tp / len(pos) if pos else 1.0, tp, fp, len(flagged & set(planted.negatives)), len(pos) - tp))
+        out.append(
+            Point(
+                round(t, 4),
+                tp / len(flagged) if flagged else 1.0,
+                tp / len(pos) if pos else 1.0,
+                tp,
+                fp,
+                len(flagged & set(planted.negatives)),
+                len(pos) - tp,
+            )
+        )
     return out
 
 
@@ -323,7 +338,16 @@ class _TorchvisionTrunk:
 
 
 def measure(
-    n_products: int, *, backbone: str, weights: str, image_size: int, seed: int = 0, lo: float = 0.80, hi: float = 1.0, step: float = 0.0025, cache_dir: str | None = None
+    n_products: int,
+    *,
+    backbone: str,
+    weights: str,
+    image_size: int,
+    seed: int = 0,
+    lo: float = 0.80,
+    hi: float = 1.0,
+    step: float = 0.0025,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """The whole measurement for one encoder: catalog, planted listings, scores, curve."""
     from config.settings import EncoderSettings
@@ -382,10 +406,17 @@ def main(argv: list[str] | None = None) -> int:
     print("| threshold | precision | recall | TP | FP (hard neg.) | FN |\n|---|---|---|---|---|---|")
     for p in res["points"]:
         if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c:
-            print(f"| {p.threshold:.4f}{' **default**' if p is c else ''} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |")
+            print(
+                f"| {p.threshold:.4f}{' **default**' if p is c else ''} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |"
+            )
     print(f"chosen {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
     if a.png:
-        draw_curve(res["points"], c, a.png, f"double listings, {res['encoder']}: {res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives")
+        draw_curve(
+            res["points"],
+            c,
+            a.png,
+            f"double listings, {res['encoder']}: {res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives",
+        )
     if a.json:
         a.json.write_text(json.dumps({**res, "points": [p.__dict__ for p in res["points"]], "chosen": c.__dict__}, indent=1))
     return 0

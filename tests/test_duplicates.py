@@ -90,6 +90,12 @@ def test_replace_adds_drops_and_reports_new_groups(store: PairStore) -> None:
     assert store.count() == 0 and store.pairs_of("b") == []
 
 
+def test_one_batch_that_finds_three_listings_announces_one_group(store: PairStore) -> None:
+    added, _, fresh = store.replace({"a": [P("a", "b", 0.99), P("a", "c", 0.98)], "b": [P("b", "a", 0.99), P("b", "c", 0.97)]})
+    assert added == 3 and len(fresh) == 1
+    assert {g.members for g in groups(store.all_pairs())} == {("a", "b", "c")}
+
+
 def test_pending_claim_retry_and_requeue(store: PairStore) -> None:
     store.enqueue({"a": int(time.time() * 1000) - 500, "b": int(time.time() * 1000)})
     got, token = store.claim(10, retry_s=0.3)

@@ -169,6 +169,7 @@ class PairStore:
         added = dropped = 0
         fresh: list[Pair] = []
         seen: set[str] = set()
+        grouped: set[str] = set()  # products paired in this call: a second new pair joins their group
         for pid, pairs in found.items():
             for other in old[pid] - new_links[pid]:
                 a, b = sorted((pid, other))
@@ -187,8 +188,9 @@ class PairStore:
                 if other not in old[pid] and p.key not in seen:
                     added += 1
                     alone = not old[pid] and not (old.get(other) if other in found else other_sizes.get(other))
-                    if alone:
+                    if alone and pid not in grouped and other not in grouped:
                         fresh.append(p)
+                grouped |= {pid, other}
                 seen.add(p.key)
         pipe.execute()
         return added, dropped, fresh

@@ -28,7 +28,9 @@ def _pages(index: Index, cursor: str, page: int) -> Iterator[list[dict[str, Any]
     """Rows (pk, product_id) after ``cursor``, ``page`` at a time, in pk order: a plain query
     with a limit returns any matching rows on a server; the query iterator pages by pk."""
     flt = f"pk > {escape_filter_string(cursor)}" if cursor else ""
-    it = index.client.query_iterator(index.alias, batch_size=page, filter=flt, output_fields=["pk", "product_id"], consistency_level="Strong")
+    it = index.client.query_iterator(
+        index.alias, batch_size=page, filter=flt, output_fields=["pk", "product_id"], consistency_level="Strong"
+    )
     try:
         while rows := it.next():
             yield sorted(rows, key=lambda r: r["pk"])
