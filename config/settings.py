@@ -108,7 +108,9 @@ class DuplicateSettings(BaseModel):
     batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
     poll_ms: float = Field(100.0, ge=1, le=60_000)  # how often an idle detector looks for work
     retry_s: float = Field(10.0, ge=0.1)  # a claimed batch not finished in this time is retried
-    hits_per_image: int = Field(32, ge=1, le=1024)  # range-search hits kept per image
+    # range-search hits kept per image: one hit per other listing is enough for a pair, and
+    # Milvus Lite post-filters 5x this many candidates per query (its search cost grows with it)
+    hits_per_image: int = Field(8, ge=1, le=1024)
     lag_samples: int = Field(10_000, ge=0)  # lag samples kept in Redis for status and bench
     # a broker queue that gets one JSON message per new group (for seller review); empty: none
     events_queue: str = ""

@@ -870,6 +870,7 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         if opts.fresh_seconds > 0:
             rate = run.events_per_s / 2
             say(f"freshness: {rate:.1f} events/s for {opts.fresh_seconds:.0f}s")
+            detection_lag(batched, samples=0, timeout=opts.drain_timeout_s)  # the full-speed run's checks done first
             lat = freshness(batched, pool, rate=rate, seconds=opts.fresh_seconds, progress=progress)
             out.update(detection_lag(batched, samples=len(lat), timeout=opts.drain_timeout_s))
         rss_end = batched.worker_rss_mb()

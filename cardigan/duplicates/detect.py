@@ -51,7 +51,7 @@ def best_pairs(rows: list[dict], hits: list[list[dict]], at: float | None = None
 class Detector:
     """Checks products against the rest of the alias and records what it finds in a PairStore."""
 
-    def __init__(self, index: Index, store: PairStore, *, threshold: float, max_images: int, hits_per_image: int = 32) -> None:
+    def __init__(self, index: Index, store: PairStore, *, threshold: float, max_images: int, hits_per_image: int = 8) -> None:
         self.index = index
         self.store = store
         self.threshold = threshold
