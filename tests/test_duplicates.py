@@ -110,3 +110,52 @@ def test_pending_claim_retry_and_requeue(store: PairStore) -> None:
     time.sleep(0.4)  # a failed check is not marked done: claimable again after retry_s
     assert store.claim(10, retry_s=0.3)[0] == ["b"]
     assert store.lags()[0] >= 500
+
+
+# -- the detector loop (real Valkey and Milvus Lite server) -------------------------------------
+
+
+def test_a_failed_check_is_counted_and_retried_until_it_succeeds(stack: StackInfo, store: PairStore) -> None:
+    """The alias does not exist yet, so the first checks fail (as when Milvus is down); the
+    products stay pending and are checked once it answers."""
+    from cardigan.duplicates.detect import Detector
+    from cardigan.store.index import Index
+    from config.settings import DuplicateSettings
+    from workers.detector import DetectorLoop
+
+    index = Index(stack.milvus_uri, alias=store.alias)
+    cfg = DuplicateSettings(retry_s=0.3, poll_ms=20)
+    loop = DetectorLoop(Detector(index, store, threshold=0.99, max_images=4), store, cfg)
+    now = int(time.time() * 1000)
+    loop.start()
+    try:
+        loop.note({"x": now, "y": now})
+        deadline = time.monotonic() + 20
+        while loop.stats.failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.stats.failures >= 1 and store.pending() == 2 and store.counts()["failures"] >= 1
+        live = index.ensure()
+        vec = [1.0] + [0.0] * 511
+        rows = [
+            {
+                "pk": f"{p}#0",
+                "product_id": p,
+                "image_index": 0,
+                "image_uri": "s3://b/k",
+                "crop": {},
+                "version": 3,
+                "model_version": "m",
+                "attributes": {},
+                "embedding": vec,
+            }
+            for p in ("x", "y")
+        ]
+        index.upsert(live, rows)
+        deadline = time.monotonic() + 60  # the loop backs off after failures (0.5 s, doubling)
+        while store.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [(p.a, p.b, p.a_version) for p in store.all_pairs()] == [("x", "y", 3)]
+        assert store.pending() == 0 and loop.stats.pairs_added == 1
+    finally:
+        loop.stop()
+        index.close()
