@@ -730,11 +730,13 @@ def detection_cost(
         warmed(ph)
         store = PairStore(ph.state, ph.settings.collection)
         _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "warm-up checks", interval=0.05)  # noqa: B023
-        pids = [p.pid for p in ph.procs] + list(servers.values())
-        cpu0 = sum(cpu_s(p) for p in pids)
+        who = {"worker": [p.pid for p in ph.procs], **{k: [v] for k, v in servers.items()}}
+        cpu0 = {k: sum(cpu_s(p) for p in pids) for k, pids in who.items()}
         run_through(ph, events, images, expect_rows=expect_rows, progress=progress, label=name, timeout=opts.drain_timeout_s, servers=servers)
         _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "duplicate detection to catch up", interval=0.05)  # noqa: B023
-        out[f"cpu_ms_per_image_{name}"] = round(1000 * (sum(cpu_s(p) for p in pids) - cpu0) / images, 2)
+        cpu = {k: 1000 * (sum(cpu_s(p) for p in pids) - cpu0[k]) / images for k, pids in who.items()}
+        out[f"cpu_ms_per_image_{name}"] = round(sum(cpu.values()), 2)
+        out[f"cpu_ms_per_image_{name}_by_process"] = {k: round(v, 2) for k, v in sorted(cpu.items())}
         if on:
             out["duplicates_pairs_found"] = store.count()
         ph.close()
