@@ -305,7 +305,7 @@ def draw_curve(points: Sequence[Point], chosen: Point, path: Path, title: str) -
     ly = T + 0.4 * (H - T - B)  # the legend, middle left: the curves run along the top and the bottom there
     d.text((L + 8, ly), "precision", fill=(31, 119, 180), font=font)
     d.text((L + 88, ly), "recall", fill=(214, 39, 40), font=font)
-    d.text((L + 150, ly), f"default {chosen.threshold:.3f}: P {chosen.precision:.3f}  R {chosen.recall:.3f}", fill=(44, 160, 44), font=font)
+    d.text((L + 150, ly), f"default {chosen.threshold:.4f}: P {chosen.precision:.3f}  R {chosen.recall:.3f}", fill=(44, 160, 44), font=font)
     d.text((L, 12), title, fill="black", font=font)
     d.text((W // 2 - 90, H - 20), "threshold (cosine of best image pair)", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
