@@ -57,7 +57,6 @@ class DetectorLoop:
         self.stats = DetectorStats()
         self._noted: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
@@ -67,7 +66,6 @@ class DetectorLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._wake.set()
         self._thread.join(timeout)
         self._flush()  # best effort: what was noted reaches the shared pending set
 
@@ -76,7 +74,6 @@ class DetectorLoop:
         with self._lock:
             for pid, ms in since_ms.items():
                 self._noted[pid] = min(ms, self._noted.get(pid, ms))
-        self._wake.set()
 
     def _flush(self) -> bool:
         with self._lock:
@@ -142,9 +139,8 @@ class DetectorLoop:
                 log.warning("duplicate detection failed (retrying in %.1f s): %s", backoff, e)
                 self._stop.wait(backoff)
                 continue
-            if not busy:
-                self._wake.wait(self.cfg.poll_ms / 1000)
-                self._wake.clear()
+            if busy < self.cfg.batch_size:  # not saturated: let the next batch gather for a poll
+                self._stop.wait(self.cfg.poll_ms / 1000)
 
 
 def build_detector(settings: Settings, index: Index, state: redis.Redis) -> DetectorLoop:
