@@ -28,7 +28,7 @@ def _event(ns: Namespace, kind: str, pid: str, version: int, photos: list[bytes]
 
 
 def _cli(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **ns.env, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **ns.env, "PYTHONPATH": str(ROOT), "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
     return subprocess.run([sys.executable, "-m", "cardigan.cli", "duplicates", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -63,6 +63,8 @@ def test_double_listings_are_found_dropped_on_modify_and_delete_and_rescanned(ns
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert [g["members"] for g in doc["groups"]] == [list(group)] and doc["counts"]["pairs_added"] >= 3
+    table = _cli(ns)
+    assert table.returncode == 0 and "1 group(s)" in table.stdout and "copy-1" in table.stdout, table.stdout + table.stderr
     out = _cli(ns, "show", "copy-2", "--json")
     assert {m["product_id"] for m in json.loads(out.stdout)["matches"]} == {a.product_id, "copy-1"}
 
