@@ -29,7 +29,9 @@ def _event(ns: Namespace, kind: str, pid: str, version: int, photos: list[bytes]
 
 def _cli(ns: Namespace, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **ns.env, "PYTHONPATH": str(ROOT), "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
-    return subprocess.run([sys.executable, "-m", "cardigan.cli", "duplicates", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cardigan.cli", "duplicates", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _members(store: PairStore) -> set[tuple[str, ...]]:
@@ -69,7 +71,14 @@ def test_double_listings_are_found_dropped_on_modify_and_delete_and_rescanned(ns
     assert {m["product_id"] for m in json.loads(out.stdout)["matches"]} == {a.product_id, "copy-1"}
 
     env = {**os.environ, **ns.env, "PYTHONPATH": str(ROOT)}
-    st = subprocess.run([sys.executable, "-m", "cardigan.cli", "status", "--json", "--no-inspect"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    st = subprocess.run(
+        [sys.executable, "-m", "cardigan.cli", "status", "--json", "--no-inspect"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     dp = json.loads(st.stdout)["duplicates"]
     assert (dp["groups_open"], dp["pairs_open"], dp["pending"]) == (1, 3, 0) and dp["lag_p99_ms"] is not None
 

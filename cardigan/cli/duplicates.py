@@ -43,7 +43,9 @@ def _when(t: float) -> str:
 def list_groups(
     ctx: typer.Context,
     as_json: bool = typer.Option(False, "--json", help="one JSON document: the groups and the detector's state"),
-    min_score: float | None = typer.Option(None, "--min-score", min=-1.0, max=1.0, help="only pairs scoring at least this (default: every recorded pair)"),
+    min_score: float | None = typer.Option(
+        None, "--min-score", min=-1.0, max=1.0, help="only pairs scoring at least this (default: every recorded pair)"
+    ),
     limit: int = typer.Option(50, "--limit", min=1, help="groups shown, largest and strongest first"),
 ) -> None:
     """Groups of products listed more than once, with their best evidence."""
@@ -57,7 +59,17 @@ def list_groups(
         found = groups(store.all_pairs(), min_score=-1.0 if min_score is None else min_score)
         pending, counts = store.pending(), store.counts()
     if as_json:
-        print(json.dumps({"alias": s.collection, "groups_open": len(found), "pending": pending, "counts": counts, "groups": [g.as_dict() for g in found[:limit]]}))
+        print(
+            json.dumps(
+                {
+                    "alias": s.collection,
+                    "groups_open": len(found),
+                    "pending": pending,
+                    "counts": counts,
+                    "groups": [g.as_dict() for g in found[:limit]],
+                }
+            )
+        )
         return
     t = Table(title=f"double listings in {s.collection}: {len(found)} group(s), {pending} product(s) waiting for a check")
     for col in ("group", "size", "members", "best match", "score", "confirmed (UTC)"):
@@ -65,14 +77,23 @@ def list_groups(
     for g in found[:limit]:
         b = g.best
         members = ", ".join(g.members[:6]) + (f" (+{len(g.members) - 6})" if len(g.members) > 6 else "")
-        t.add_row(g.id, str(len(g.members)), members, f"{b.a} img {b.a_image} ~ {b.b} img {b.b_image}", f"{b.score:.4f}", _when(max(p.time for p in g.pairs)))
+        t.add_row(
+            g.id,
+            str(len(g.members)),
+            members,
+            f"{b.a} img {b.a_image} ~ {b.b} img {b.b_image}",
+            f"{b.score:.4f}",
+            _when(max(p.time for p in g.pairs)),
+        )
     console.print(t)
     if len(found) > limit:
         err_console.print(f"{len(found) - limit} more group(s): --limit {len(found)}")
 
 
 @dup_app.command("show")
-def show(product_id: str = typer.Argument(..., help="the product whose matches to show"), as_json: bool = typer.Option(False, "--json")) -> None:
+def show(
+    product_id: str = typer.Argument(..., help="the product whose matches to show"), as_json: bool = typer.Option(False, "--json")
+) -> None:
     """One product's matches: the other listings, the scores and the images that matched."""
     s = settings_or_exit()
     with talking_to(s, state=True):
@@ -93,7 +114,14 @@ def show(product_id: str = typer.Argument(..., help="the product whose matches t
     for col in ("other listing", "score", "this image", "its image", "versions (this/its)", "confirmed (UTC)"):
         t.add_column(col)
     for m in rows:
-        t.add_row(m["product_id"], f"{m['score']:.4f}", str(m["image"]), str(m["their_image"]), f"v{m['version']} / v{m['their_version']}", _when(m["time"]))
+        t.add_row(
+            m["product_id"],
+            f"{m['score']:.4f}",
+            str(m["image"]),
+            str(m["their_image"]),
+            f"v{m['version']} / v{m['their_version']}",
+            _when(m["time"]),
+        )
     console.print(t)
 
 
@@ -121,12 +149,28 @@ def scan_command(
         before = scan_state(store.r, s.collection)
         resumed = before is not None and not before.get("done") and not restart
         d = s.duplicates
-        det = Detector(index, store, threshold=d.threshold if threshold is None else threshold, max_images=s.limits.max_images, hits_per_image=d.hits_per_image)
+        det = Detector(
+            index,
+            store,
+            threshold=d.threshold if threshold is None else threshold,
+            max_images=s.limits.max_images,
+            hits_per_image=d.hits_per_image,
+        )
         t0 = time.monotonic()
-        cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("vectors · {task.fields[pairs]} new pair(s)"), TimeRemainingColumn())
+        cols = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("vectors · {task.fields[pairs]} new pair(s)"),
+            TimeRemainingColumn(),
+        )
         with Progress(*cols, console=err_console) as prog:
-            task = prog.add_task("resuming scan" if resumed else "scanning", total=total, completed=before["rows"] if resumed else 0, pairs=0)
-            st = scan(det, store.r, batch=batch, restart=restart, on_progress=lambda rows, added: prog.update(task, completed=rows, pairs=added))
+            task = prog.add_task(
+                "resuming scan" if resumed else "scanning", total=total, completed=before["rows"] if resumed else 0, pairs=0
+            )
+            st = scan(
+                det, store.r, batch=batch, restart=restart, on_progress=lambda rows, added: prog.update(task, completed=rows, pairs=added)
+            )
         index.close()
     console.print(
         f"scanned {st['products']} product(s) ({st['rows']} vectors) in {time.monotonic() - t0:.1f} s: "
