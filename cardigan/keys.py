@@ -13,6 +13,14 @@ TARGETS_KEY = "cardigan:write_targets:{alias}"  # collections every write goes t
 OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"  # a product's last outcome (`events show`, `publish --wait`)
 REINDEX_STATE_KEY = "cardigan:reindex:{alias}"  # a reindex run's phase and target (cardigan.ops.reindex)
 REINDEX_DONE_KEY = "cardigan:reindex:{alias}:chunks"  # chunks a reindex has copied (resume)
+# double listings (cardigan/duplicates): products waiting for a check, found pairs, backfill cursor
+DUP_PENDING_KEY = "cardigan:dup:pending:{alias}"  # ZSET product_id -> when it is due (ms); writers add, detectors drain
+DUP_SINCE_KEY = "cardigan:dup:since:{alias}"  # HASH product_id -> publish (or write) time, ms: detection lag
+DUP_PAIRS_KEY = "cardigan:dup:pairs:{alias}"  # HASH "<a>\x1f<b>" (a < b) -> JSON evidence
+DUP_LINKS_KEY = "cardigan:dup:links:{alias}:{product_id}"  # SET: the products paired with one product
+DUP_LAG_KEY = "cardigan:dup:lag_ms:{alias}"  # LIST of publish -> pair checked samples, ms (newest first)
+DUP_COUNTS_KEY = "cardigan:dup:counts:{alias}"  # HASH counters: checked, pairs_added, pairs_dropped, failures, groups_new
+DUP_SCAN_KEY = "cardigan:dup:scan:{alias}"  # HASH: the backfill's cursor and counts (resumable)
 
 # Celery task names: the wire contract with producers (docs/message-format.md)
 INDEX_TASK = "cardigan.index_event"

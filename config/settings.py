@@ -108,6 +108,27 @@ class ServeSettings(BaseModel):
     search_batch: int = Field(64, ge=1)  # query vectors per Milvus search call
 
 
+class DuplicateSettings(BaseModel):
+    """Double-listing detection: after a product's vectors are written, off the critical path."""
+
+    enabled: bool = True  # a detector thread in each worker process drains the pending set
+    # Cosine score above which two products' best-matching images are one listing; chosen from
+    # the precision/recall curve of the planted set (devkit/doubles.py, README "Double listings")
+    threshold: float = Field(0.9725, ge=-1.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
+    # A detector not kept busy looks for work this often: products written meanwhile form one
+    # batch (Milvus Lite costs ~25 ms per search call, so batches of 1-2 products would cost more
+    # than the indexing itself); it adds at most this much to the detection lag
+    poll_ms: float = Field(250.0, ge=1, le=60_000)
+    retry_s: float = Field(10.0, ge=0.1)  # a claimed batch not finished in this time is retried
+    # range-search hits kept per image: one hit per other listing is enough for a pair, and
+    # Milvus Lite post-filters 5x this many candidates per query (its search cost grows with it)
+    hits_per_image: int = Field(8, ge=1, le=1024)
+    lag_samples: int = Field(10_000, ge=0)  # lag samples kept in Redis for status and bench
+    # a broker queue that gets one JSON message per new group (for seller review); empty: none
+    events_queue: str = ""
+
+
 class Settings(BaseSettings):
     """Everything a process needs to know to find its broker, index and images."""
 
@@ -147,6 +168,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     worker: WorkerSettings = WorkerSettings()
     serve: ServeSettings = ServeSettings()
+    duplicates: DuplicateSettings = DuplicateSettings()
 
     @field_validator("s3_buckets", mode="before")
     @classmethod

@@ -55,6 +55,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "speedup_vs_torch": (">=", 1.8),  # onnxruntime against torch, same pipeline, same run
     "freshness_p99_ms": ("<", 2000.0),
     "soak_rss_growth_pct": ("<", 10.0),
+    "duplicates_cpu_overhead_pct": ("<", 10.0),  # double-listing detection's extra CPU per image
+    "duplicates_lag_p99_ms": ("<", 2000.0),  # publish -> checked for double listings, at half load
 }
 
 
@@ -86,6 +88,7 @@ class BenchOptions:
     fresh_seconds: float = 15.0  # 0 skips the freshness phase
     naive: bool = True
     soak: int = 0  # events of the RSS soak; 0 skips it
+    duplicates: bool = True  # also index the events with and without double-listing detection (CPU cost)
     s3: str = "rclone"  # the S3 server on the box (rclone or moto), or folder (file:// URIs)
     seed: int = 0
     data_dir: Path | None = None  # default: a temporary directory, removed afterwards
@@ -701,6 +704,47 @@ def _tenths(samples: list[tuple[int, float]], n: int) -> list[tuple[int, float]]
     return out
 
 
+def detection_lag(phase: Phase, *, samples: int, timeout: float) -> dict[str, Any]:
+    """After a freshness run: publish -> checked for double listings (ms), the newest ``samples``
+    of the detector's (one per product; the freshness run's products are new ones)."""
+    from cardigan.duplicates.pairs import PairStore
+
+    store = PairStore(phase.state, phase.settings.collection)
+    _wait(lambda: store.pending() == 0, timeout, "duplicate detection to catch up", interval=0.05)
+    lags = [float(v) for v in store.lags(samples)] if samples else []
+    return {"duplicates_lag_p50_ms": round(percentile(lags, 50), 1) if lags else None, "duplicates_lag_p99_ms": round(percentile(lags, 99), 1) if lags else None}
+
+
+def detection_cost(
+    phase_for: Callable[..., Phase], warmed: Callable[[Phase], None], events: Sequence[dict[str, Any]], images: int, expect_rows: int,
+    servers: Mapping[str, int], opts: BenchOptions, progress: Progress | None,
+) -> dict[str, Any]:  # fmt: skip
+    """CPU per image (workers + servers) of the same events with detection off, then on; "on"
+    counts until every product is checked. Events reuse the pool's photos, so every pool product
+    is listed ``events / pool`` times: many pairs, a worst case for the pair store."""
+    from cardigan.duplicates.pairs import PairStore
+
+    out: dict[str, Any] = {}
+    for name, db, on in (("dup_off", 5, False), ("dup_on", 6, True)):
+        ph = phase_for(name, db, CARDIGAN_DUPLICATES__ENABLED=str(on).lower())
+        warmed(ph)
+        store = PairStore(ph.state, ph.settings.collection)
+        _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "warm-up checks", interval=0.05)  # noqa: B023
+        who = {"worker": [p.pid for p in ph.procs], **{k: [v] for k, v in servers.items()}}
+        cpu0 = {k: sum(cpu_s(p) for p in pids) for k, pids in who.items()}
+        run_through(ph, events, images, expect_rows=expect_rows, progress=progress, label=name, timeout=opts.drain_timeout_s, servers=servers)
+        _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "duplicate detection to catch up", interval=0.05)  # noqa: B023
+        cpu = {k: 1000 * (sum(cpu_s(p) for p in pids) - cpu0[k]) / images for k, pids in who.items()}
+        out[f"cpu_ms_per_image_{name}"] = round(sum(cpu.values()), 2)
+        out[f"cpu_ms_per_image_{name}_by_process"] = {k: round(v, 2) for k, v in sorted(cpu.items())}
+        if on:
+            out["duplicates_pairs_found"] = store.count()
+        ph.close()
+    off, on_ = out["cpu_ms_per_image_dup_off"], out["cpu_ms_per_image_dup_on"]
+    out["duplicates_cpu_overhead_pct"] = round(100 * (on_ - off) / off, 1) if off else None
+    return out
+
+
 # --------------------------------------------------------------------------- the whole run
 
 
@@ -828,7 +872,9 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         if opts.fresh_seconds > 0:
             rate = run.events_per_s / 2
             say(f"freshness: {rate:.1f} events/s for {opts.fresh_seconds:.0f}s")
+            detection_lag(batched, samples=0, timeout=opts.drain_timeout_s)  # the full-speed run's checks done first
             lat = freshness(batched, pool, rate=rate, seconds=opts.fresh_seconds, progress=progress)
+            out.update(detection_lag(batched, samples=len(lat), timeout=opts.drain_timeout_s))
         rss_end = batched.worker_rss_mb()
         batched.close()
 
@@ -865,6 +911,10 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
                 servers=servers,
             )
             naive.close()
+
+        if opts.duplicates:
+            say("double-listing detection: the same events with it off, then on")
+            out.update(detection_cost(phase, warmed, events, images, warm_rows + images, servers, opts, progress))
 
         if opts.soak:
             say(f"soak: {opts.soak} events")

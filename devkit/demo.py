@@ -514,6 +514,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
         rows, (hit1, hitk, scored), random_weights = _queries(opts, settings, index, scenario, s3, console)
         index.close()
         t = phase("queries", t)
+        _duplicates_report(settings, products, scenario, s3, console, timeout=opts.drain_timeout_s)
         from devkit.report import contact_sheet, html_report, results_table
 
         title = f"Cardigan demo: {len(products)} products, {len(events)} events, model {model_version}"
@@ -575,6 +576,43 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
             _run_file(out).unlink(missing_ok=True)
             if result is not None:
                 result.stopped_services = stopped
+
+
+def _duplicates_report(settings: Settings, products: list[Any], scenario: Any, s3: Any, console: Console, *, timeout: float) -> dict[str, Any]:
+    """Plant double listings (and look-alikes that are not) of unchanged products, publish
+    them, let the workers' detector find them, and print found against planted."""
+    from cardigan.duplicates.pairs import PairStore
+    from cardigan.ops.publish import Publisher
+    from cardigan.store.guard import make_redis
+    from devkit.catalog import image_uri, object_key, upload
+    from devkit.doubles import plant
+
+    unchanged = [p for p in products if (e := scenario.expected.get(p.product_id)) is not None and e.variant == 0]
+    planted = plant(unchanged, double_fraction=0.2, negative_fraction=0.1, seed=settings.encoder.seed)
+    upload(planted.products, s3, settings.bucket, prefix=KEY_PREFIX)
+    pub = Publisher(settings)
+    for p in planted.products:
+        imgs = [{"uri": image_uri(settings.bucket, object_key(KEY_PREFIX, i.key)), **({"bbox": list(i.bbox)} if i.bbox else {})} for i in p.images]
+        pub.publish({"type": "add", "product_id": p.product_id, "version": 1, "images": imgs, "attributes": {"category": p.category}})
+    r = make_redis(settings.effective_state_url)
+    store = PairStore(r, settings.collection)
+    deadline = time.monotonic() + timeout
+    with console.status(f"double listings: {len(planted.products)} planted listings indexed and checked…"):
+        quiet = 0
+        while quiet < 3 and time.monotonic() < deadline:  # a written product reaches the pending set ms after its ack
+            quiet = quiet + 1 if not (_pending(r, settings) or store.pending()) else 0
+            time.sleep(0.2)
+    found = {frozenset((p.a, p.b)) for p in store.all_pairs()}
+    r.close()
+    tp, pos = len(found & set(planted.positives)), len(planted.positives)
+    res = {"planted": pos, "found": len(found), "true": tp, "hard_negatives_flagged": len(found & set(planted.negatives)), "threshold": settings.duplicates.threshold}
+    res["precision"] = round(tp / len(found), 3) if found else None
+    res["recall"] = round(tp / pos, 3) if pos else None
+    console.print(
+        f"double listings (threshold {res['threshold']}): {pos} planted pairs, {len(found)} recorded, {tp} right "
+        f"(precision {res['precision']}, recall {res['recall']}); {res['hard_negatives_flagged']} of {len(planted.negatives)} look-alikes flagged"
+    )
+    return res
 
 
 def _queries(

@@ -68,6 +68,7 @@ def test_demo_runs_end_to_end_and_verifies(tmp_path: Path) -> None:
     assert v.products_live + v.products_deleted == 12 and v.products_deleted >= 1
     assert v.vectors_found == v.vectors_expected > v.products_live  # some products have several photos
     assert "verified: " in text and "events/s" in text and "p99" in text
+    assert "double listings (threshold" in text and "planted pairs" in text  # found vs planted, after the queries
     assert res.events > 12 and res.events_per_s > 0 and res.images_per_s > 0
     assert res.latency_ms["n"] >= v.products_live and 0 < res.latency_ms["p50"] <= res.latency_ms["p99"]
     assert res.dead_letters == []

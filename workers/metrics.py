@@ -18,7 +18,7 @@ from typing import Any
 
 from celery.signals import task_failure, task_retry, task_success
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
 from config.settings import Settings
@@ -116,11 +116,39 @@ class PipelineCollector(Collector):
             yield SummaryMetricFamily(
                 f"cardigan_{name}_batch_seconds", f"Time per {name} batch ({name} latency)", count_value=st.batches, sum_value=st.busy_s
             )
+        yield from _detector_metrics(p)
         info = GaugeMetricFamily(
             "cardigan_worker_info", "The model this process embeds with and its alias", labels=["model_version", "alias", "device"]
         )
         info.add_metric([p.encoder.model_version, p.settings.collection, str(p.encoder.device)], 1)
         yield info
+
+
+def _detector_metrics(p: Any) -> Iterator[Metric]:
+    """Double-listing detection in this process (workers/detector.py), plus the alias's open
+    pairs and pending checks from the state Redis (two O(1) reads)."""
+    d = getattr(p, "detector", None)
+    if d is None:
+        return
+    st = d.stats
+    for name, help_, value in (
+        ("pairs_found", "Double-listing pairs this process recorded", st.pairs_added),
+        ("pairs_dropped", "Pairs this process dropped (a modify or delete no longer matches)", st.pairs_dropped),
+        ("groups_new", "New double-listing groups this process opened", st.new_groups),
+        ("products_checked", "Products checked for double listings", st.products),
+        ("failures", "Detection batches that failed (retried after duplicates.retry_s)", st.failures),
+    ):
+        yield CounterMetricFamily(f"cardigan_duplicates_{name}", help_, value=value)
+    yield SummaryMetricFamily(
+        "cardigan_duplicates_lag_seconds", "From publish to the product checked for double listings", count_value=st.lag_count, sum_value=st.lag_sum_s
+    )
+    yield SummaryMetricFamily("cardigan_duplicates_batch_seconds", "Time per detection batch", count_value=st.batches, sum_value=st.busy_s)
+    try:
+        open_, pending = d.store.count(), d.store.pending()
+    except Exception:  # noqa: BLE001 - Redis down: the counters above still scrape
+        return
+    yield GaugeMetricFamily("cardigan_duplicates_pairs_open", "Double-listing pairs recorded for the alias", value=open_)
+    yield GaugeMetricFamily("cardigan_duplicates_pending", "Products waiting for a double-listing check", value=pending)
 
 
 REGISTRY.register(PipelineCollector())

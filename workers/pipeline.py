@@ -32,6 +32,7 @@ from cardigan.store.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
+from workers.detector import DetectorLoop, build_detector
 from workers.writer import IndexWriter, Outcome, WriteOp
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Pipeline:
             max_images=s.limits.max_images,
             live=self.live,
             tombstones=Tombstones(self.state, retention_s=s.worker.tombstone_retention_s),
+            on_applied=self._start_detector(),
         )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
@@ -96,8 +98,18 @@ class Pipeline:
         threading.Thread(target=self._report_stats, name="stats", daemon=True).start()
         log.info("pipeline ready: model %s on %s, index %s (live %s)", self.encoder.model_version, self.encoder.device, s.collection, self.live)
 
+    def _start_detector(self) -> Any:
+        """Double-listing detection runs beside indexing (workers/detector.py); None when off."""
+        self.detector: DetectorLoop | None = None
+        if self.settings.duplicates.enabled:
+            self.detector = build_detector(self.settings, self.index, self.state).start()
+            return self.detector.note
+        return None
+
     def close(self) -> None:
         self._stats_stop.set()
+        if self.detector is not None:
+            self.detector.stop()
         self.embedder.stop()
         self.write_batcher.stop()
         self.publish_stats()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -67,7 +68,15 @@ class IndexWriter:
     """Applies batches of WriteOps to every write target (the live collection, plus a reindex's)."""
 
     def __init__(
-        self, index: Index, guard: VersionGuard, state: redis.Redis, *, max_images: int, live: str, tombstones: Tombstones | None = None
+        self,
+        index: Index,
+        guard: VersionGuard,
+        state: redis.Redis,
+        *,
+        max_images: int,
+        live: str,
+        tombstones: Tombstones | None = None,
+        on_applied: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self._index = index
         self._guard = guard
@@ -77,6 +86,8 @@ class IndexWriter:
         self._targets_key = TARGETS_KEY.format(alias=index.alias)
         self._tombstones = tombstones
         self._swept_at = 0.0
+        # live products just written or deleted -> their publish time (ms): duplicate detection
+        self._on_applied = on_applied
 
     def targets(self) -> list[str]:
         """A reindex lists its collections here; otherwise the live one (read every batch)."""
@@ -97,7 +108,9 @@ class IndexWriter:
             applied, refused = self._write_one(collection, _newest(by_collection[collection]))
             applied_any |= {id(op) for op in applied}
             rejected.update(refused)
-        self._record_freshness([op for op in ops if id(op) in applied_any and id(op) not in rejected])
+        written = [op for op in ops if id(op) in applied_any and id(op) not in rejected]
+        self._record_freshness(written)
+        self._notify([op for op in written if op.collection is None])
         self._sweep_tombstones(sorted(by_collection))
         return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
@@ -238,6 +251,16 @@ class IndexWriter:
             self._note_tombstones(collection, ours)
         log.warning("repaired %d product(s) in %s: %d ours, %d another writer's", len(redo), collection, len(mine), len(redo) - len(mine))
         return mine
+
+    def _notify(self, ops: list[WriteOp]) -> None:
+        """Hand the written products to duplicate detection: never raises, never waits on I/O."""
+        if self._on_applied is None or not ops:
+            return
+        now = int(time.time() * 1000)
+        try:
+            self._on_applied({op.product_id: op.published_at_ms or now for op in ops})
+        except Exception:  # noqa: BLE001 - detection must not fail a write that landed
+            log.warning("duplicate detection not notified", exc_info=True)
 
     def _record_freshness(self, ops: list[WriteOp]) -> None:
         now = int(time.time() * 1000)

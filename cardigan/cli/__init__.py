@@ -272,6 +272,9 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
     t.add_row("write targets", ", ".join(st["write_targets"]))
     if rx := st.get("reindex"):
         t.add_row("reindex", f"{rx.get('phase')}: {rx.get('old')} -> {rx.get('new')}, {rx.get('done')}/{rx.get('total')} products")
+    if dp := st.get("duplicates"):
+        lag = f"lag p50 {dp['lag_p50_ms']} ms, p99 {dp['lag_p99_ms']} ms" if dp["lag_p99_ms"] is not None else "no lag sample yet"
+        t.add_row("double listings", f"{dp['groups_open']} group(s) open, {dp['pairs_open']} pair(s); {dp['pending']} product(s) waiting; {lag}; {dp['failures']} failed batch(es)")
     for name, c in st["collections"].items():
         t.add_row(f"collection {name}", _n(c['rows'], 'vector') + (" (live)" if c["live"] else ""))
     t.add_row("drained", "yes" if st["drained"] else "no")
@@ -437,6 +440,9 @@ _register_example(app)
 from cardigan.cli.serve import register as _register_serve  # noqa: E402
 
 _register_serve(app)
+from cardigan.cli.duplicates import register as _register_duplicates  # noqa: E402
+
+_register_duplicates(app)
 
 
 def main() -> None:

@@ -37,6 +37,7 @@ def bench(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),
     profile: bool = typer.Option(False, "--profile", help="also report the workers' CPU time per stage"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
+    duplicates: bool = typer.Option(True, "--duplicates/--no-duplicates", help="also run the events with double-listing detection off and on (its CPU cost)"),
     runtime: str | None = typer.Option(None, "--runtime", help="torch | onnxruntime (default: settings, CARDIGAN_ENCODER__RUNTIME)"),
     compare_torch: bool = typer.Option(
         True, "--compare-torch/--no-compare-torch", help="on onnxruntime, also run the batched pipeline on torch (images_per_s_torch)"
@@ -49,7 +50,7 @@ def bench(
         events=events, model=model, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
         prefetch=prefetch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, fetch_threads=fetch_threads,
         torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, pool=pool, data_dir=data_dir,
-        profile=profile, runtime=runtime, compare_torch=compare_torch,
+        profile=profile, runtime=runtime, compare_torch=compare_torch, duplicates=duplicates,
     )  # fmt: skip
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
     try:

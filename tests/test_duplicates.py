@@ -1,0 +1,161 @@
+"""Double listings: pair selection and grouping (pure), and the pair store against a real Valkey."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from cardigan.duplicates.detect import best_pairs
+from cardigan.duplicates.groups import groups
+from cardigan.duplicates.pairs import Pair, PairStore
+from cardigan.store.guard import make_redis
+from devkit.stack import StackInfo
+
+
+def P(a: str, b: str, score: float) -> Pair:
+    return Pair.of(a, b, score, 1, 1, 0, 0, at=0.0)
+
+
+# -- pure -------------------------------------------------------------------------------------
+
+
+def test_pair_is_canonical_whichever_side_found_it() -> None:
+    p = Pair.of("z", "a", 0.97, 5, 2, 3, 1, at=1.0)
+    assert (p.a, p.b, p.a_version, p.b_version, p.a_image, p.b_image) == ("a", "z", 2, 5, 1, 3)
+    assert p.key == Pair.of("a", "z", 0.5, 0, 0, 0, 0).key
+    assert Pair.from_json(p.to_json()) == p
+
+
+def test_best_pairs_keeps_the_best_image_match_and_skips_the_product_itself() -> None:
+    rows = [
+        {"product_id": "a", "image_index": 0, "version": 3},
+        {"product_id": "a", "image_index": 1, "version": 3},
+    ]
+    hits = [
+        [
+            {"product_id": "a", "image_index": 1, "version": 3, "score": 0.99},
+            {"product_id": "b", "image_index": 2, "version": 7, "score": 0.96},
+        ],
+        [
+            {"product_id": "b", "image_index": 0, "version": 7, "score": 0.98},
+            {"product_id": "c", "image_index": 0, "version": 1, "score": 0.961},
+        ],
+    ]
+    best = best_pairs(rows, hits, at=0.0)
+    assert set(best["a"]) == {"b", "c"}
+    ab = best["a"]["b"]
+    assert (ab.score, ab.a_image, ab.b_image, ab.a_version, ab.b_version) == (0.98, 1, 0, 3, 7)
+
+
+def test_groups_are_connected_components_largest_first() -> None:
+    pairs = [P("a", "b", 0.99), P("b", "c", 0.97), P("x", "y", 0.98), P("d", "e", 0.91)]
+    gs = groups(pairs)
+    assert [g.members for g in gs] == [("a", "b", "c"), ("x", "y"), ("d", "e")]
+    assert gs[0].best.key == P("a", "b", 0).key and gs[0].id == "a"
+    # a weak link below min_score does not join (or form) a group
+    assert [g.members for g in groups(pairs, min_score=0.975)] == [("a", "b"), ("x", "y")]
+    assert groups([]) == []
+
+
+def test_a_chain_through_a_bridge_merges_two_groups() -> None:
+    gs = groups([P("a", "b", 0.99), P("c", "d", 0.99), P("b", "c", 0.97)])
+    assert len(gs) == 1 and gs[0].members == ("a", "b", "c", "d") and len(gs[0].pairs) == 3
+
+
+# -- the store (real Valkey) ------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(stack: StackInfo) -> PairStore:
+    r = make_redis(stack.broker_url.rsplit("/", 1)[0] + "/12")
+    return PairStore(r, f"dup_{uuid.uuid4().hex[:6]}")
+
+
+def test_replace_adds_drops_and_reports_new_groups(store: PairStore) -> None:
+    added, dropped, fresh = store.replace({"a": [P("a", "b", 0.97)]})
+    assert (added, dropped, [p.key for p in fresh]) == (1, 0, [P("a", "b", 0).key])
+    assert [p.b for p in store.pairs_of("a")] == ["b"] and [p.a for p in store.pairs_of("b")] == ["a"]
+    # c joins the existing group through b: a new pair, not a new group
+    added, dropped, fresh = store.replace({"c": [P("c", "b", 0.96)]})
+    assert (added, dropped, fresh) == (1, 0, [])
+    assert {g.members for g in groups(store.all_pairs())} == {("a", "b", "c")}
+    # b is modified: it now matches only c; its pair with a is dropped on both sides
+    added, dropped, _ = store.replace({"b": [P("b", "c", 0.99)]})
+    assert (added, dropped) == (0, 1)
+    assert store.pairs_of("a") == [] and [p.score for p in store.pairs_of("c")] == [0.99]
+    # c is deleted: all its pairs go
+    assert store.remove_product("c") == 1
+    assert store.count() == 0 and store.pairs_of("b") == []
+
+
+def test_one_batch_that_finds_three_listings_announces_one_group(store: PairStore) -> None:
+    added, _, fresh = store.replace({"a": [P("a", "b", 0.99), P("a", "c", 0.98)], "b": [P("b", "a", 0.99), P("b", "c", 0.97)]})
+    assert added == 3 and len(fresh) == 1
+    assert {g.members for g in groups(store.all_pairs())} == {("a", "b", "c")}
+
+
+def test_pending_claim_retry_and_requeue(store: PairStore) -> None:
+    store.enqueue({"a": int(time.time() * 1000) - 500, "b": int(time.time() * 1000)})
+    got, token = store.claim(10, retry_s=0.3)
+    assert sorted(got) == ["a", "b"]
+    assert store.claim(10, retry_s=0.3)[0] == []  # claimed: nobody else takes them
+    store.enqueue({"b": int(time.time() * 1000)})  # b written again while being checked
+    lags = store.done(got, token)
+    assert len(lags) == 1 and lags[0] >= 500  # a removed, with its lag from publish
+    assert store.pending() == 1  # b stays: its newer write must be checked
+    got2, token2 = store.claim(10, retry_s=0.3)
+    assert got2 == ["b"]
+    time.sleep(0.4)  # a failed check is not marked done: claimable again after retry_s
+    assert store.claim(10, retry_s=0.3)[0] == ["b"]
+    assert store.lags()[0] >= 500
+
+
+# -- the detector loop (real Valkey and Milvus Lite server) -------------------------------------
+
+
+def test_a_failed_check_is_counted_and_retried_until_it_succeeds(stack: StackInfo, store: PairStore) -> None:
+    """The alias does not exist yet, so the first checks fail (as when Milvus is down); the
+    products stay pending and are checked once it answers."""
+    from cardigan.duplicates.detect import Detector
+    from cardigan.store.index import Index
+    from config.settings import DuplicateSettings
+    from workers.detector import DetectorLoop
+
+    index = Index(stack.milvus_uri, alias=store.alias)
+    cfg = DuplicateSettings(retry_s=0.3, poll_ms=20)
+    loop = DetectorLoop(Detector(index, store, threshold=0.99, max_images=4), store, cfg)
+    now = int(time.time() * 1000)
+    loop.start()
+    try:
+        loop.note({"x": now, "y": now})
+        deadline = time.monotonic() + 20
+        while loop.stats.failures == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.stats.failures >= 1 and store.pending() == 2 and store.counts()["failures"] >= 1
+        live = index.ensure()
+        vec = [1.0] + [0.0] * 511
+        rows = [
+            {
+                "pk": f"{p}#0",
+                "product_id": p,
+                "image_index": 0,
+                "image_uri": "s3://b/k",
+                "crop": {},
+                "version": 3,
+                "model_version": "m",
+                "attributes": {},
+                "embedding": vec,
+            }
+            for p in ("x", "y")
+        ]
+        index.upsert(live, rows)
+        deadline = time.monotonic() + 60  # the loop backs off after failures (0.5 s, doubling)
+        while store.count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [(p.a, p.b, p.a_version) for p in store.all_pairs()] == [("x", "y", 3)]
+        assert store.pending() == 0 and loop.stats.pairs_added == 1
+    finally:
+        loop.stop()
+        index.close()
