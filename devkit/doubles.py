@@ -195,15 +195,21 @@ def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3
 
 
 def product_vectors(products: Sequence[SyntheticProduct], encoder: Any, *, size: int, batch: int = 32) -> dict[str, np.ndarray]:
-    """Each product's image embeddings, cropped and resized exactly as the workers do."""
+    """Each product's image embeddings, cropped and resized exactly as the workers do (the
+    localiser included, for busy photos without a box)."""
     import torch
 
     from cardigan.imaging.crop import preprocess
+    from cardigan.imaging.localise import localiser_for
+    from config.settings import CropSettings
+    from encoder import Encoder
+
+    localiser = localiser_for(encoder, CropSettings()) if isinstance(encoder, Encoder) else None
 
     flat = [(p.product_id, img) for p in products for img in p.images]
     vecs: list[np.ndarray] = []
     for i in range(0, len(flat), batch):
-        tensors = [preprocess(img.data, img.bbox, size=size, max_pixels=40_000_000)[0] for _, img in flat[i : i + batch]]
+        tensors = [preprocess(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0] for _, img in flat[i : i + batch]]
         vecs.append(encoder.embed(torch.stack(tensors)))
     allv = np.concatenate(vecs) if vecs else np.empty((0, 512), np.float32)
     out: dict[str, list[np.ndarray]] = {}

