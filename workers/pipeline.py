@@ -18,11 +18,10 @@ from typing import Any, cast
 
 import numpy as np
 import redis
-import torch
 
 from cardigan.errors import IndexRejected
 from cardigan.event import Event, ImageRef, parse_event, primary_key
-from cardigan.imaging.crop import preprocess
+from cardigan.imaging.crop import preprocess_pixels
 from cardigan.imaging.fetch import Fetcher, make_s3_client
 from cardigan.keys import STATS_KEY
 from cardigan.store.guard import VersionGuard, make_redis
@@ -82,7 +81,8 @@ class Pipeline:
             tombstones=Tombstones(self.state, retention_s=s.worker.tombstone_retention_s),
         )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
-        self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+        # items are uint8 S×S×3 crops: the encoder normalises each batch once (on the GPU there)
+        self.embedder: MicroBatcher[np.ndarray, np.ndarray] = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
         ).start()
         self.write_batcher: MicroBatcher[WriteOp, Outcome | IndexRejected] = MicroBatcher(
@@ -155,10 +155,10 @@ class Pipeline:
         recs = [self.guard.versions(c, [ev.product_id])[ev.product_id] for c in targets]
         return all(r is not None and r[0] >= ev.version for r in recs)
 
-    def _prepare(self, img: ImageRef, i: int) -> torch.Tensor:
+    def _prepare(self, img: ImageRef, i: int) -> np.ndarray:
         field = f"images[{i}]"
         data = self.fetcher.fetch(img.uri, field=f"{field}.uri")
-        tensor, _method = preprocess(
+        pixels, _method = preprocess_pixels(
             data,
             img.bbox,
             size=self.settings.encoder.image_size,
@@ -166,12 +166,12 @@ class Pipeline:
             max_bytes=self.settings.limits.max_decode_bytes,
             field_prefix=field,
         )
-        return tensor
+        return pixels
 
     def _rows(self, ev: Event) -> list[dict[str, Any]]:
         # fetch + decode of a product's images overlap each other and other tasks' forward passes
-        tensors = [f.result() for f in [self._prep_pool.submit(self._prepare, img, i) for i, img in enumerate(ev.images)]]
-        vectors = [f.result() for f in [self.embedder.submit(t) for t in tensors]]
+        crops = [f.result() for f in [self._prep_pool.submit(self._prepare, img, i) for i, img in enumerate(ev.images)]]
+        vectors = [f.result() for f in [self.embedder.submit(c) for c in crops]]
         mv = self.encoder.model_version
         return [
             {
@@ -188,8 +188,8 @@ class Pipeline:
             for i, (img, vec) in enumerate(zip(ev.images, vectors))
         ]
 
-    def _embed(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    def _embed(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         t0 = time.perf_counter()
-        out = self.encoder.embed(torch.stack(tensors))
-        log.debug("embedded %d images in %.1f ms", len(tensors), (time.perf_counter() - t0) * 1000)
+        out = self.encoder.embed_pixels(crops)
+        log.debug("embedded %d images in %.1f ms", len(crops), (time.perf_counter() - t0) * 1000)
         return list(out)

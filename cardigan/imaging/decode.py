@@ -187,6 +187,29 @@ def decode(
     return DecodedImage(image=rgb, source_size=source_size, format=fmt)
 
 
+def jpeg_header(data: bytes, *, max_pixels: int, field: str = "image", max_bytes: int | None = None) -> tuple[int, int] | None:
+    """The stored (width, height) of a plain 8-bit RGB or greyscale JPEG, with every limit checked.
+
+    For decoders that are not Pillow (nvJPEG on a GPU): the same pixel and memory limits, read
+    from the header before any pixel is decoded, as :func:`decode`. None when ``data`` is not
+    such a JPEG (another format, CMYK, MPO): the caller decodes it with :func:`decode`.
+    Raises ImageTooLarge, and CorruptImage for a JPEG whose header does not parse.
+    """
+    if not data or sniff_format(data) != "jpeg":
+        return None
+    im = _open(data, ("JPEG",), max_pixels=max_pixels, label="JPEG", field=field)
+    if im.format != "JPEG" or im.mode not in ("RGB", "L"):
+        return None
+    if max_bytes is not None:
+        cost = decode_bytes(im.size, "RGB")
+        if cost > max_bytes:
+            w, h = im.size
+            raise ImageTooLarge(
+                f"JPEG {w}x{h} needs about {cost / 2**20:.0f} MiB to decode, over the limit of {max_bytes / 2**20:.0f} MiB", field=field
+            )
+    return im.size
+
+
 # Peak bytes per pixel from decode to 8-bit RGB, by Pillow mode: the decoded image (Pillow keeps
 # multi-band 8-bit modes in 4 bytes a pixel) plus what ``to_rgb`` allocates on the way. High-depth
 # modes go through numpy in float64: a 40 Mpx float TIFF peaks near 1.9 GB.
