@@ -46,7 +46,7 @@ RANDOM = "random"
 
 # Bump when a change in this package changes the vectors produced for the same settings
 # (init scheme, preprocessing assumptions): every model version changes with it.
-_VERSION_SCHEME = 2  # 2: portable (numpy) random init, snapped calibration
+_VERSION_SCHEME = 3  # 2: portable (numpy) random init, snapped calibration; 3: JPEG draft to 1x the input size
 _CALIBRATION_MAX_SIZE = 128
 
 
