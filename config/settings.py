@@ -46,6 +46,11 @@ class EncoderSettings(BaseModel):
     # What runs the forward pass on a CPU: "onnxruntime" (the network exported to ONNX at
     # load, checked against torch, torch if the check fails) or "torch". CUDA always runs torch.
     runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    # Where JPEGs are decoded, cropped and resized: "cpu" (Pillow, per image in the fetch threads)
+    # or "device" (in batches on the model's device: nvJPEG on CUDA; other formats and files it
+    # cannot decode fall back to the CPU per image). "device" is for GPU hosts, where the CPU's
+    # decode is what caps a worker (docs/performance.md).
+    decode: Literal["cpu", "device"] = "cpu"
     # Where exported ONNX files are cached (one per model version and weights); empty: ~/.cache/cardigan/onnx
     onnx_cache_dir: str = ""
 

@@ -78,7 +78,7 @@ def device_crops(
             except PermanentError as e:
                 out[i] = e
             else:
-                out[i] = torch.from_numpy(pixels).to(device)
+                out[i] = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy()).to(device)
     return out  # type: ignore[return-value]
 
 
