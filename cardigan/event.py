@@ -18,6 +18,13 @@ from cardigan.errors import InvalidEvent
 # Product ids reach Milvus primary keys ("<id>#<n>") and, in tools, filter strings:
 # a strict character set keeps quotes, spaces and filter syntax out by construction.
 PRODUCT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+
+
+def is_product_id(value: object, max_len: int = 128) -> bool:
+    """The one product-id check: events, queries, URLs and S3 layouts use it before an id is a
+    Milvus filter value or a Redis key."""
+    return isinstance(value, str) and 0 < len(value) <= max_len and PRODUCT_ID_RE.match(value) is not None
+
 MAX_VERSION = 2**62  # fits Milvus INT64 with room; absurd beyond this
 
 # Limits of a Milvus JSON field, enforced here so the publisher and the worker refuse the same

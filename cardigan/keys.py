@@ -10,6 +10,9 @@ from __future__ import annotations
 FRESHNESS_KEY = "cardigan:freshness_ms"  # publish → vector written, ms (the writer pushes, bench/demo read)
 STATS_KEY = "cardigan:stats:{alias}"  # per-process pipeline stage stats (workers.pipeline)
 TARGETS_KEY = "cardigan:write_targets:{alias}"  # collections every write goes to (two during a reindex)
+OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"  # a product's last outcome (`events show`, `publish --wait`)
+REINDEX_STATE_KEY = "cardigan:reindex:{alias}"  # a reindex run's phase and target (cardigan.ops.reindex)
+REINDEX_DONE_KEY = "cardigan:reindex:{alias}:chunks"  # chunks a reindex has copied (resume)
 
 # Celery task names: the wire contract with producers (docs/message-format.md)
 INDEX_TASK = "cardigan.index_event"

@@ -488,7 +488,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
             report = verify_index(index, expected, max_images=settings.limits.max_images)
         t = phase("verify", t)
         dead = [f"{d.product_id}: {d.kind}: {d.reason}" for d in DeadLetters(r).list(100)]
-        from workers.writer import FRESHNESS_KEY
+        from cardigan.keys import FRESHNESS_KEY
 
         lat = [int(x) for x in r.lrange(FRESHNESS_KEY, 0, -1)]  # type: ignore[union-attr]
         latency: dict[str, float | int] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "n": len(lat)}

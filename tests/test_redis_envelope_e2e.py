@@ -73,5 +73,15 @@ def test_e2e_plain_lpush_envelope_is_indexed(ns: Namespace) -> None:
         bad["content-type"] = "application/x-python-serialize"
         producer.lpush(queue, json.dumps(bad))
         wait_until(lambda: ns.dead().count() == 1, 120, "the refused message to be dead-lettered")
+
+        # list items that are not kombu envelopes at all: dead letters too, and the worker goes on
+        producer.lpush(queue, "hello, not json")
+        producer.lpush(queue, json.dumps({"body": "e30=", "properties": {}}))
+        wait_until(lambda: ns.dead().count() == 3, 120, "the two raw items to be dead-lettered")
+        raw = [d for d in ns.dead().list() if d.kind == "undecodable"]
+        assert len(raw) == 2 and all("docs/message-format.md" in d.reason for d in raw), [d.reason for d in raw]
+        assert any("hello, not json" in str(d.event) for d in raw)
+        producer.lpush(queue, envelope(add(ns, "env-4", 1, 1), queue))
+        converge(ns, {"env-1": Expected(1, 2), "env-2": None, "env-4": Expected(1, 1)})
     finally:
         producer.close()

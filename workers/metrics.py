@@ -105,7 +105,7 @@ class PipelineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         from workers import runtime
 
-        p = runtime._pipeline
+        p = runtime.current_pipeline()
         if p is None:
             return
         for name, batcher, unit in (("embed", p.embedder, "images"), ("write", p.write_batcher, "product writes")):

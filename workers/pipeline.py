@@ -24,14 +24,14 @@ from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.imaging.crop import preprocess_pixels
 from cardigan.imaging.device_decode import ImageJob, device_crops
 from cardigan.imaging.fetch import Fetcher, make_s3_client
-from cardigan.keys import STATS_KEY
+from cardigan.keys import OUTCOME_KEY, STATS_KEY
 from cardigan.store.guard import VersionGuard, make_redis
 from cardigan.store.index import Index
 from cardigan.store.tombstones import Tombstones
 from config.settings import Settings
 from encoder import Encoder, build_encoder
 from workers.batcher import MicroBatcher
-from workers.writer import OUTCOME_KEY, IndexWriter, Outcome, WriteOp
+from workers.writer import IndexWriter, Outcome, WriteOp
 
 log = logging.getLogger(__name__)
 

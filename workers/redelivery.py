@@ -44,6 +44,7 @@ PREFIX = "cardigan:redelivery"
 OWNERS_KEY = f"{PREFIX}:owners"  # every owner that may hold messages
 OWNER_OF_KEY = f"{PREFIX}:owner_of"  # delivery tag -> owner
 DEFAULT_OWNER_TTL_S = 10.0
+MAX_RAW_REPR = 4096  # characters of an undecodable list item kept in its dead letter
 
 # KEYS: queue keys (n of them), unacked, unacked_index, owner_of, held, owners
 # ARGV: n, owner, now
@@ -379,16 +380,38 @@ class Channel(kombu_redis.Channel):
                 self._idle = True
                 raise Empty()
             self._idle = False
-            dest, item, tag = (bytes_to_str(x) for x in reply)
-            if tag:
-                self.qos._taken.add(tag)
-            dest = dest.rsplit(self.sep, 1)[0]
+            key, item, tag = (bytes_to_str(x) for x in reply)
+            dest = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
+            if not tag:  # not a kombu envelope: kombu would raise in the event loop, the item lost
+                self._dead_letter_raw(key, dest, item)
+                raise Empty()
+            self.qos._taken.add(tag)
             self.connection._deliver(loads(item), dest)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _dead_letter_raw(self, key: str, queue: str, item: str) -> None:
+        """A list item that is not a kombu message (not JSON, or no delivery tag, exchange and
+        routing key in its properties) becomes a dead letter; if that cannot be stored, it goes
+        back on its queue, so it is never dropped."""
+        from workers import runtime  # the worker's state store client (lazy, after fork)
+
+        shown = repr(item[:MAX_RAW_REPR]) + ("…" if len(item) > MAX_RAW_REPR else "")
+        reason = (
+            f"not a Celery/kombu message on queue {queue!r}: the list item must be a JSON envelope with "
+            "properties.delivery_tag, properties.delivery_info.exchange and .routing_key (docs/message-format.md)"
+        )
+        try:
+            dl = runtime.dead_letters().add(reason=reason, kind="undecodable", event=shown, field="envelope", queue=queue)
+        except Exception as exc:  # noqa: BLE001 - never drop it: put it back for a later try
+            log.error("could not store a dead letter for a raw item on %s (%s); put back on the queue", queue, exc)
+            self.client.lpush(key, item)
+            time.sleep(1)  # the state store is down: do not spin on the same item
+            return
+        log.warning("dead letter %s (undecodable): a raw item on %s that is not a kombu message", dl.id, queue)
 
     def close(self) -> None:
         owner = self._owner

@@ -16,7 +16,7 @@ import redis
 from celery import current_app
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
-from cardigan.errors import CardiganError, IndexUnavailable, StateUnavailable
+from cardigan.errors import CardiganError, StateUnavailable
 from cardigan.keys import EX_CONFIG
 from cardigan.store.deadletter import DeadLetters
 from cardigan.store.guard import make_redis
@@ -52,6 +52,11 @@ def dead_letters() -> DeadLetters:
     return DeadLetters(state(), max_letters=w.dead_letter_max, retention_s=w.dead_letter_retention_s, on_drop=metrics.DEAD_LETTERS_DROPPED.inc)
 
 
+def current_pipeline() -> Pipeline | None:
+    """This process's pipeline if it was built (metrics read it; they must not build it)."""
+    return _pipeline
+
+
 def pipeline() -> Pipeline:
     """This process's pipeline, built on first need."""
     global _pipeline
@@ -64,10 +69,6 @@ def pipeline() -> Pipeline:
                     raise
                 except redis.RedisError as e:
                     raise StateUnavailable(f"state store unreachable at worker start: {e}") from e
-                except Exception as e:
-                    if "milvus" in type(e).__module__.lower() or "grpc" in type(e).__module__.lower():
-                        raise IndexUnavailable(f"Milvus unreachable at worker start: {e}") from e
-                    raise
     return _pipeline
 
 

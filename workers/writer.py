@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 Outcome = Literal["applied", "stale"]
 # The last outcome of each product's live event (applied / stale), kept worker.outcome_ttl_s
 # seconds (workers/pipeline.py writes it, `cardigan events show` reads it)
-OUTCOME_KEY = "cardigan:outcome:{alias}:{product_id}"
 TOMBSTONE_SWEEP_S = 60.0
 REPAIR_ATTEMPTS = 4  # a write that outlived its lock: repairs, each with a lock twice as long
 MAX_REPAIR_LOCK_MS = 600_000

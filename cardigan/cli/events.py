@@ -20,10 +20,10 @@ events_app = typer.Typer(help="What happened to a product's events: version, tom
 
 def product_report(settings: Any, product_id: str) -> dict[str, Any]:
     """Everything recorded about one product, from the state Redis and the index."""
+    from cardigan.keys import OUTCOME_KEY, TARGETS_KEY
     from cardigan.store.deadletter import DeadLetters
     from cardigan.store.guard import VersionGuard, make_redis
     from cardigan.store.index import Index
-    from workers.writer import OUTCOME_KEY, TARGETS_KEY
 
     s = settings
     r = make_redis(state_url(s))
@@ -62,8 +62,8 @@ def product_report(settings: Any, product_id: str) -> dict[str, Any]:
 def wait_for_outcomes(r: Any, alias: str, sent: list[Any], timeout_s: float, interval_s: float = 0.5) -> list[str]:
     """One line per published event once its outcome is known (applied, stale, dead, or
     superseded by a later version), or "no outcome" for those still open at the timeout."""
+    from cardigan.keys import OUTCOME_KEY
     from cardigan.store.deadletter import DeadLetters
-    from workers.writer import OUTCOME_KEY
 
     done: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s

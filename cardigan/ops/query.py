@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cardigan.errors import InvalidEvent
-from cardigan.event import PRODUCT_ID_RE
+from cardigan.event import is_product_id
 from cardigan.imaging.crop import preprocess
 from cardigan.store.index import Index
 from encoder import Encoder
@@ -60,12 +60,12 @@ def near_ids(product_id: str) -> list[str]:
     out += [product_id.lower(), product_id.upper()]
     unique = dict.fromkeys(out)
     unique.pop(product_id, None)
-    return [c for c in unique if PRODUCT_ID_RE.match(c)]
+    return [c for c in unique if is_product_id(c)]
 
 
 def similar_products(index: Index, product_id: str, *, k: int, max_images: int) -> list[Hit]:
     """Products that look like this one: search with each of its vectors, best per product."""
-    if not PRODUCT_ID_RE.match(product_id):
+    if not is_product_id(product_id):
         raise InvalidEvent(f"not a valid product id: {product_id!r}", field="product_id")
     own = index.get_product(product_id, max_images)
     if not own:

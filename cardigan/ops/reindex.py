@@ -38,7 +38,7 @@ import redis
 
 from cardigan.errors import CardiganError
 from cardigan.event import primary_key
-from cardigan.keys import BULK_TASK, TARGETS_KEY
+from cardigan.keys import BULK_TASK, REINDEX_DONE_KEY, REINDEX_STATE_KEY, TARGETS_KEY
 from cardigan.ops.snapshot import (
     Item,
     SourceSpec,
@@ -54,8 +54,6 @@ from config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-STATE_KEY = "cardigan:reindex:{alias}"
-DONE_KEY = "cardigan:reindex:{alias}:chunks"
 
 Phase = Literal["filling", "verifying", "switching", "switched", "done", "aborted"]
 ACTIVE_PHASES = ("filling", "verifying", "switching")
@@ -91,8 +89,8 @@ class ReindexState:
 
     def __init__(self, r: redis.Redis, alias: str) -> None:
         self._r = r
-        self.key = STATE_KEY.format(alias=alias)
-        self.done_key = DONE_KEY.format(alias=alias)
+        self.key = REINDEX_STATE_KEY.format(alias=alias)
+        self.done_key = REINDEX_DONE_KEY.format(alias=alias)
         self._chunk_done = r.register_script(_CHUNK_DONE)
 
     def get(self) -> dict[str, str]:

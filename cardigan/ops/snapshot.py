@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardigan.errors import InvalidEvent, PermanentError
-from cardigan.event import PRODUCT_ID_RE, Event, parse_event, primary_key
+from cardigan.event import Event, is_product_id, parse_event, primary_key
 from cardigan.store.guard import VersionGuard
 from cardigan.store.index import Index
 
@@ -160,7 +160,7 @@ def s3_items(s3: Any, uri: str, *, after: str | None, max_images: int, max_id_le
     bucket, prefix = parse_s3_prefix(uri)
     for pid, objs in _s3_products(s3, bucket, prefix, after):
         cursor = f"{prefix}{pid}0"
-        if not PRODUCT_ID_RE.match(pid) or len(pid) > max_id_len:
+        if not is_product_id(pid, max_id_len):
             yield Item(cursor, None, rejected=f"s3://{bucket}/{prefix}{pid}/: {pid!r} is not a valid product id")
             continue
         objs = sorted(objs, key=lambda o: o["Key"])[:max_images]

@@ -7,13 +7,13 @@ from typing import Any
 
 from celery import Celery
 
+from cardigan.keys import TARGETS_KEY
 from cardigan.ops.reindex import reindex_progress
 from cardigan.store.deadletter import DeadLetters
 from cardigan.store.guard import make_redis
 from cardigan.store.index import Index
 from cardigan.store.tombstones import Tombstones
 from config.settings import Settings, redact_url
-from workers.writer import TARGETS_KEY
 
 
 def queue_depths(app: Celery, queues: list[str]) -> dict[str, int]:

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from cardigan.errors import InvalidEvent
-from cardigan.event import PRODUCT_ID_RE
+from cardigan.event import is_product_id
 from cardigan.store.index import escape_filter_string
 
 KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,31}$")
@@ -78,7 +78,7 @@ def filter_expression(filters: dict[str, list[str]]) -> str:
 
 def product_id(raw: str, max_len: int) -> str:
     """A product id from a URL, checked like an event's before it is used as a key."""
-    if len(raw) > max_len or not PRODUCT_ID_RE.match(raw):
+    if not is_product_id(raw, max_len):
         raise BadRequest(f"{raw[:60]!r} is not a product id (letters, digits and . _ : -, at most {max_len})", field="product_id")
     return raw
 

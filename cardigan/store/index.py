@@ -114,7 +114,19 @@ class Index:
             return None
 
     def ensure(self) -> str:
-        """Create ``<alias>_v1`` and the alias on first use; make sure it is loaded."""
+        """Create ``<alias>_v1`` and the alias on first use; make sure it is loaded.
+
+        Raises our errors, never pymilvus's: a worker starting against a down server sees
+        IndexUnavailable (and retries), not a guess from a module name.
+        """
+        try:
+            return self._ensure()
+        except CardiganError:
+            raise
+        except Exception as e:  # noqa: BLE001 - MilvusException, gRPC errors: classified
+            raise classify("ensure", self.alias, e) from e
+
+    def _ensure(self) -> str:
         with self._lock:
             live = self.live_collection()
             if live is None:
