@@ -77,10 +77,26 @@ def test_the_limits_are_read_from_the_header_first() -> None:
         jpeg_header(big, max_pixels=100_000, field="images[0]")
     with pytest.raises(ImageTooLarge, match="MiB"):
         jpeg_header(big, max_pixels=LIMIT, max_bytes=100_000)
-    assert jpeg_header(big, max_pixels=LIMIT) == (400, 300)
+    assert jpeg_header(big, max_pixels=LIMIT) == (400, 300, 1)
     assert jpeg_header(encode(Image.new("CMYK", (8, 8))), max_pixels=LIMIT) is None  # the CPU path's job
     out = device_crops([ImageJob(big, None, "images[7]")], size=SIZE, max_pixels=100_000, device="cpu")
     assert isinstance(out[0], ImageTooLarge) and out[0].field == "images[7]"
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_upright_as_on_the_cpu_path(orientation: int) -> None:
+    """nvJPEG ignores EXIF orientation: the module turns the image itself, on any device."""
+    rng = np.random.default_rng(orientation)
+    img = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((160, 120), Image.Resampling.NEAREST)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(img, exif=exif.tobytes(), quality=95)
+    w, h = (120, 160) if orientation >= 5 else (160, 120)
+    bbox = [0, 0, w * 3 // 4, h // 2]  # not symmetric: a wrong turn crops elsewhere
+    got = device_crops([ImageJob(data, bbox, "images[0]")], size=SIZE, max_pixels=LIMIT, device="cpu")[0]
+    want, _ = preprocess_pixels(data, bbox, size=SIZE, max_pixels=LIMIT)
+    assert isinstance(got, torch.Tensor)
+    assert np.abs(got.numpy().astype(int) - want.astype(int)).mean() < 4
 
 
 def test_exif_orientation_is_applied_before_the_bbox() -> None:

@@ -195,8 +195,8 @@ def decode(
     return DecodedImage(image=rgb, source_size=source_size, format=fmt)
 
 
-def jpeg_header(data: bytes, *, max_pixels: int, field: str = "image", max_bytes: int | None = None) -> tuple[int, int] | None:
-    """The stored (width, height) of a plain 8-bit RGB or greyscale JPEG, with every limit checked.
+def jpeg_header(data: bytes, *, max_pixels: int, field: str = "image", max_bytes: int | None = None) -> tuple[int, int, int] | None:
+    """(width, height, EXIF orientation) as stored, of a plain 8-bit RGB or greyscale JPEG, limits checked.
 
     For decoders that are not Pillow (nvJPEG on a GPU): the same pixel and memory limits, read
     from the header before any pixel is decoded, as :func:`decode`. None when ``data`` is not
@@ -215,7 +215,11 @@ def jpeg_header(data: bytes, *, max_pixels: int, field: str = "image", max_bytes
             raise ImageTooLarge(
                 f"JPEG {w}x{h} needs about {cost / 2**20:.0f} MiB to decode, over the limit of {max_bytes / 2**20:.0f} MiB", field=field
             )
-    return im.size
+    try:
+        orientation = int(im.getexif().get(_ORIENTATION, 1))  # JPEG: parsed, no pixels
+    except (*_DECODE_ERRORS, RuntimeError):
+        orientation = 1  # unreadable EXIF: the pixels as stored, as decode() does
+    return (*im.size, orientation if 1 <= orientation <= 8 else 1)
 
 
 # Peak bytes per pixel from decode to 8-bit RGB, by Pillow mode: the decoded image (Pillow keeps

@@ -21,7 +21,7 @@ tests/test_device_decode.py).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,18 +54,23 @@ def device_crops(
     device = torch.device(device)
     out: list[torch.Tensor | PermanentError | None] = [None] * len(jobs)
     on_device: list[int] = []
+    orientation: dict[int, int] = {}
     for i, job in enumerate(jobs):
         try:
-            if jpeg_header(job.data, max_pixels=max_pixels, field=job.field, max_bytes=max_bytes) is not None:
-                on_device.append(i)
+            header = jpeg_header(job.data, max_pixels=max_pixels, field=job.field, max_bytes=max_bytes)
         except PermanentError as e:
             out[i] = e
+            continue
+        if header is not None:
+            on_device.append(i)
+            orientation[i] = header[2]
     decoded = _decode_jpegs([jobs[i].data for i in on_device], device)
     for i, img in zip(on_device, decoded, strict=True):
         if img is None:
             continue  # the CPU path below decodes it, or says why it cannot
         try:
-            out[i] = _crop_resize(img, jobs[i].bbox, size, field=f"{jobs[i].field}.bbox")
+            upright = _ORIENT[orientation[i]](img)
+            out[i] = _crop_resize(upright, jobs[i].bbox, size, field=f"{jobs[i].field}.bbox")
         except PermanentError as e:
             out[i] = e
     for i, res in enumerate(out):
@@ -82,8 +87,23 @@ def device_crops(
     return out  # type: ignore[return-value]
 
 
+# EXIF orientation -> what makes a CHW image upright (Pillow's exif_transpose, checked in the
+# tests). decode_jpeg applies EXIF orientation on the CPU only, so it is done here, the same
+# way on every device.
+_ORIENT: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    1: lambda x: x,
+    2: lambda x: x.flip(2),  # mirrored left-right
+    3: lambda x: x.flip(1, 2),  # 180°
+    4: lambda x: x.flip(1),  # mirrored top-bottom
+    5: lambda x: x.transpose(1, 2),  # transposed
+    6: lambda x: torch.rot90(x, -1, (1, 2)),  # 90° clockwise
+    7: lambda x: x.transpose(1, 2).flip(1, 2),  # transversed
+    8: lambda x: torch.rot90(x, 1, (1, 2)),  # 90° counter-clockwise
+}
+
+
 def _decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """Upright RGB CHW uint8 on ``device`` per JPEG; None where this decoder failed."""
+    """RGB CHW uint8 on ``device`` per JPEG, as stored (not yet upright); None where this decoder failed."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     if not datas:
@@ -92,13 +112,13 @@ def _decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Te
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision 0.29: "decoding is deprecated in favour of TorchCodec"
         try:
-            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False))
         except RuntimeError:
             pass  # one bad file fails the batch: find it, one by one
         results: list[torch.Tensor | None] = []
         for e in encoded:
             try:
-                results.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+                results.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False))
             except RuntimeError:
                 results.append(None)
         return results
