@@ -22,6 +22,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
 
 class EncoderSettings(BaseModel):
     """What turns a crop into a vector."""
@@ -32,7 +34,9 @@ class EncoderSettings(BaseModel):
     weights: str = "random"
     image_size: int = Field(224, ge=32, le=1024)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # autocast dtype on CUDA
+    # Autocast dtype on CUDA ("auto": bfloat16 where the GPU has it, else float16; fp32/bf16/fp16
+    # are accepted as aliases). A CPU always runs float32; the model version does not depend on it.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(64, ge=1, le=4096)  # images per forward pass
     batch_wait_ms: float = Field(10.0, ge=0, le=10_000)  # how long a batch waits to fill
     seed: int = 0  # random weights must be identical in every worker process
@@ -42,8 +46,19 @@ class EncoderSettings(BaseModel):
     # What runs the forward pass on a CPU: "onnxruntime" (the network exported to ONNX at
     # load, checked against torch, torch if the check fails) or "torch". CUDA always runs torch.
     runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    # Where JPEGs are decoded, cropped and resized: "cpu" (Pillow, per image in the fetch threads)
+    # or "device" (in batches on the model's device: nvJPEG on CUDA; other formats and files it
+    # cannot decode fall back to the CPU per image). "device" is for GPU hosts, where the CPU's
+    # decode is what caps a worker (docs/performance.md).
+    decode: Literal["cpu", "device"] = "cpu"
     # Where exported ONNX files are cached (one per model version and weights); empty: ~/.cache/cardigan/onnx
     onnx_cache_dir: str = ""
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: object) -> object:
+        """fp32 / bf16 / fp16 (the usual short names) mean float32 / bfloat16 / float16."""
+        return _DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
 
 class CropSettings(BaseModel):

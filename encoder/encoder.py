@@ -37,6 +37,7 @@ from encoder.model import (
     calibrate_random,
     init_weights,
 )
+from encoder.pixels import Pixels, PixelStager, normalise_on_device
 from encoder.registry import Backbone, get_backbone, is_weights_name
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ RANDOM = "random"
 
 # Bump when a change in this package changes the vectors produced for the same settings
 # (init scheme, preprocessing assumptions): every model version changes with it.
-_VERSION_SCHEME = 2  # 2: portable (numpy) random init, snapped calibration
+_VERSION_SCHEME = 3  # 2: portable (numpy) random init, snapped calibration; 3: JPEG draft to 1x the input size
 _CALIBRATION_MAX_SIZE = 128
 
 
@@ -138,6 +139,23 @@ def _state_fingerprint(net: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def autocast_dtype(name: str, device_type: str, *, bf16_supported: bool) -> torch.dtype | None:
+    """The autocast dtype for ``encoder.dtype`` on a device, None for float32.
+
+    "auto": bfloat16 on a GPU that has it (same range as float32: no overflow, vectors within
+    ~1e-3), else float16. A CPU always runs float32 (ONNX Runtime or a frozen graph).
+    """
+    if name == "float32" or device_type != "cuda":
+        if name not in ("float32", "auto"):
+            log.info("encoder.dtype=%s applies on CUDA only: running float32 on %s", name, device_type)
+        return None
+    if name == "float16" or not bf16_supported:
+        if name == "bfloat16":
+            log.warning("encoder.dtype=bfloat16 is not supported on this GPU: using float16")
+        return torch.float16
+    return torch.bfloat16
+
+
 class Encoder:
     """Turns batches of normalised crops into L2-normalised 512-d float32 vectors.
 
@@ -161,6 +179,7 @@ class Encoder:
         self._ort: Any = None  # an onnxruntime.InferenceSession when encoder.runtime=onnxruntime serves
         self._device: torch.device | None = None
         self._autocast: torch.dtype | None = None
+        self._stager: PixelStager | None = None  # uint8 batch buffers (pinned on CUDA), per thread
         self._version: str | None = None
         self._fingerprint: str | None = None
 
@@ -245,6 +264,7 @@ class Encoder:
                 runner = net = net.to(device=device, memory_format=torch.channels_last)
                 self._warm_up(net, device, autocast)
             self._autocast = autocast
+            self._stager = PixelStager(self.image_size, pin=device.type == "cuda")
             self._net = net
             self._runner = runner
             self._announce(time.perf_counter() - started)
@@ -266,6 +286,41 @@ class Encoder:
             return onnx_runtime.run(self._ort, x)
         with torch.inference_mode():
             out = self._forward(runner, batch, self.device, self._autocast)
+            return out.to("cpu", torch.float32).numpy()
+
+    def embed_pixels(self, pixels: Pixels) -> np.ndarray:
+        """uint8 S×S×3 crops (``crop.to_pixels``, or N×S×S×3) → N×512 float32 unit rows.
+
+        The batch is stacked into this thread's reused buffer (page-locked on CUDA) and
+        normalised once: in numpy on a CPU, on the GPU after an asynchronous uint8 copy.
+        Crops already on the device (GPU decode) are stacked there. Same vectors as
+        :meth:`embed` of the per-image normalised crops.
+        """
+        if self._runner is None:
+            self.load()
+        assert self._stager is not None
+        n = len(pixels)
+        if n == 0:
+            return np.empty((0, self.dim), dtype=np.float32)
+        first = pixels[0]
+        device = self.device
+        if isinstance(first, torch.Tensor) and first.device.type != "cpu":
+            batch_u8 = pixels if isinstance(pixels, torch.Tensor) else torch.stack(list(pixels))  # type: ignore[arg-type]
+            return self._embed_on_device(batch_u8.to(device))
+        host = self._stager.stack(pixels)
+        if device.type == "cuda":
+            return self._embed_on_device(host.to(device, non_blocking=True))  # pinned: asynchronous
+        return self.embed(self._stager.normalised(host))
+
+    def _embed_on_device(self, batch_u8: torch.Tensor) -> np.ndarray:
+        """N×S×S×3 uint8 already on the model's device: normalise there, forward, back to the host."""
+        s = self.image_size
+        if batch_u8.ndim != 4 or tuple(batch_u8.shape[1:]) != (s, s, 3) or batch_u8.dtype != torch.uint8:
+            raise ValueError(f"embed_pixels() takes N×{s}×{s}×3 uint8 crops, got {batch_u8.dtype} {tuple(batch_u8.shape)}")
+        runner = self._runner
+        assert runner is not None
+        with torch.inference_mode():
+            out = self._forward(runner, normalise_on_device(batch_u8), self.device, self._autocast)
             return out.to("cpu", torch.float32).numpy()
 
     # -- internals ---------------------------------------------------------------------
@@ -383,17 +438,8 @@ class Encoder:
         return session
 
     def _autocast_dtype(self, device: torch.device) -> torch.dtype | None:
-        name = self._settings.dtype
-        if name == "float32":
-            return None
-        if device.type != "cuda":
-            log.info("encoder.dtype=%s applies on CUDA only: running float32 on %s", name, device)
-            return None
-        dtype: torch.dtype = getattr(torch, name)
-        if dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            log.warning("encoder.dtype=bfloat16 is not supported on this GPU: using float16")
-            dtype = torch.float16
-        return dtype
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return autocast_dtype(self._settings.dtype, device.type, bf16_supported=bf16)
 
     def _warm_up(self, net: nn.Module, device: torch.device, autocast: torch.dtype | None) -> None:
         """One full-size batch: kernels load now, and an out-of-memory fails at startup."""

@@ -179,16 +179,16 @@ def test_jpeg_draft_decodes_large_jpegs_small_but_keeps_source_size() -> None:
     data = encode(Image.new("RGB", (2400, 1200), (10, 200, 30)), "JPEG")
     decoded = decode(data, max_pixels=LIMIT, target_size=224)
     assert decoded.source_size == (2400, 1200)
-    # libjpeg scales by 1/2, 1/4 or 1/8 keeping both sides >= 448: 1200 // 448 = 2 -> 1/2.
-    assert decoded.image.size == (1200, 600)
+    # libjpeg scales by 1/2, 1/4 or 1/8 keeping both sides >= 224 (DRAFT_OVERSAMPLE 1): 1200 // 224 = 5 -> 1/4.
+    assert decoded.image.size == (600, 300)
 
 
 def test_jpeg_draft_keeps_detail_inside_a_small_bbox() -> None:
     data = encode(Image.new("RGB", (2400, 2400), (10, 200, 30)), "JPEG")
     whole = decode(data, max_pixels=LIMIT, target_size=100)
-    assert whole.image.size == (300, 300)  # 1/8: 300 >= 200
-    small_box = decode(data, max_pixels=LIMIT, target_size=100, crop_hint=(0, 0, 600, 600))
-    # 600 source px must keep >= 200: scale at most 1/2 (1/4 would leave 150).
+    assert whole.image.size == (300, 300)  # 1/8: 300 >= 100
+    small_box = decode(data, max_pixels=LIMIT, target_size=100, crop_hint=(0, 0, 300, 300))
+    # 300 source px must keep >= 100: scale at most 1/2 (1/4 would leave 75).
     assert small_box.image.size == (1200, 1200)
     assert small_box.source_size == (2400, 2400)
 

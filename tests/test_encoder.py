@@ -124,7 +124,7 @@ def test_loading_leaves_the_global_rng_alone() -> None:
 def test_pinned_weights_and_version() -> None:
     """Golden values: if these move, random-weight vectors moved and the scheme needs a bump."""
     enc = build_encoder(make_settings()).load()
-    assert enc.model_version == "mobilenet_v3_small-random-s0-64-d331b95b"
+    assert enc.model_version == "mobilenet_v3_small-random-s0-64-4644a739"
     assert enc.fingerprint == GOLDEN_FINGERPRINT
 
 

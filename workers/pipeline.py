@@ -18,11 +18,11 @@ from typing import Any, cast
 
 import numpy as np
 import redis
-import torch
 
-from cardigan.errors import IndexRejected
+from cardigan.errors import IndexRejected, PermanentError
 from cardigan.event import Event, ImageRef, parse_event, primary_key
-from cardigan.imaging.crop import preprocess
+from cardigan.imaging.crop import preprocess_pixels
+from cardigan.imaging.device_decode import ImageJob, device_crops
 from cardigan.imaging.fetch import Fetcher, make_s3_client
 from cardigan.imaging.localise import localiser_for
 from cardigan.keys import OUTCOME_KEY, STATS_KEY
@@ -86,7 +86,10 @@ class Pipeline:
             on_applied=self._start_detector(),
         )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
-        self.embedder: MicroBatcher[torch.Tensor, np.ndarray] = MicroBatcher(
+        # items are uint8 S×S×3 crops (the encoder normalises each batch once, on the GPU there),
+        # or, with encoder.decode="device", fetched bytes that the batch decodes on the device
+        self._decode_on_device = s.encoder.decode == "device"
+        self.embedder: MicroBatcher[np.ndarray | ImageJob, np.ndarray] = MicroBatcher(
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
         ).start()
         self.write_batcher: MicroBatcher[WriteOp, Outcome | IndexRejected] = MicroBatcher(
@@ -169,10 +172,12 @@ class Pipeline:
         recs = [self.guard.versions(c, [ev.product_id])[ev.product_id] for c in targets]
         return all(r is not None and r[0] >= ev.version for r in recs)
 
-    def _prepare(self, img: ImageRef, i: int) -> torch.Tensor:
+    def _prepare(self, img: ImageRef, i: int) -> np.ndarray | ImageJob:
         field = f"images[{i}]"
         data = self.fetcher.fetch(img.uri, field=f"{field}.uri")
-        tensor, _method = preprocess(
+        if self._decode_on_device:
+            return ImageJob(data, img.bbox, field)  # decoded with its batch, in _embed
+        pixels, _method = preprocess_pixels(
             data,
             img.bbox,
             size=self.settings.encoder.image_size,
@@ -181,12 +186,12 @@ class Pipeline:
             field_prefix=field,
             localiser=self.localiser,
         )
-        return tensor
+        return pixels
 
     def _rows(self, ev: Event) -> list[dict[str, Any]]:
         # fetch + decode of a product's images overlap each other and other tasks' forward passes
-        tensors = [f.result() for f in [self._prep_pool.submit(self._prepare, img, i) for i, img in enumerate(ev.images)]]
-        vectors = [f.result() for f in [self.embedder.submit(t) for t in tensors]]
+        crops = [f.result() for f in [self._prep_pool.submit(self._prepare, img, i) for i, img in enumerate(ev.images)]]
+        vectors = [f.result() for f in [self.embedder.submit(c) for c in crops]]
         mv = self.encoder.model_version
         return [
             {
@@ -203,8 +208,19 @@ class Pipeline:
             for i, (img, vec) in enumerate(zip(ev.images, vectors))
         ]
 
-    def _embed(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    def _embed(self, items: list[np.ndarray | ImageJob]) -> list[np.ndarray | PermanentError]:
         t0 = time.perf_counter()
-        out = self.encoder.embed(torch.stack(tensors))
-        log.debug("embedded %d images in %.1f ms", len(tensors), (time.perf_counter() - t0) * 1000)
-        return list(out)
+        if not self._decode_on_device:
+            out: list[np.ndarray | PermanentError] = list(self.encoder.embed_pixels(cast(list[np.ndarray], items)))
+        else:
+            lim = self.settings.limits
+            crops = device_crops(
+                cast(list[ImageJob], items), size=self.encoder.image_size, max_pixels=lim.max_image_pixels,
+                max_bytes=lim.max_decode_bytes, device=self.encoder.device,
+            )  # fmt: skip
+            good = [c for c in crops if not isinstance(c, PermanentError)]
+            vectors = iter(self.encoder.embed_pixels(good) if good else ())
+            # a bad image fails its own event (the batcher raises it there), not its neighbours
+            out = [c if isinstance(c, PermanentError) else next(vectors) for c in crops]
+        log.debug("embedded %d images in %.1f ms", len(items), (time.perf_counter() - t0) * 1000)
+        return out
