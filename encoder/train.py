@@ -326,6 +326,7 @@ class EvalSet:
     queries: torch.Tensor
     query_products: list[int]
     n_products: int
+    query_self: list[int] | None = None  # per query, its own row in the gallery (left out of its ranking)
 
 
 def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
@@ -353,30 +354,27 @@ def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, worke
 
 
 def make_heldout_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
-    """Held-out retrieval for catalog products of any source: each product's first photo
-    queries against the other photos of every product (a product with one photo is only a
-    distractor in the gallery). What a shopper's photo of a product meets in the index."""
+    """Held-out retrieval for catalog products of any source, leave one out: every photo of a
+    product with two or more photos queries the gallery of all held-out photos but itself, and
+    must find its product through another of its photos (what a shopper's new photo meets in
+    the index). A product with one photo is only a distractor."""
     photos = [img for p in products for img in p.images]
-    owners = [(i, j) for i, p in enumerate(products) for j in range(len(p.images))]
+    owners = [i for i, p in enumerate(products) for _ in p.images]
     crops = _preprocess_all(photos, size, max_pixels, workers)
-    usable: dict[int, list[tuple[int, torch.Tensor]]] = {}
-    for (i, j), c in zip(owners, crops, strict=True):
-        if c is not None:
-            usable.setdefault(i, []).append((j, c))
-    g: list[tuple[torch.Tensor, int]] = []
-    q: list[tuple[torch.Tensor, int]] = []
-    for i, got in sorted(usable.items()):
-        if len(got) > 1:
-            q.append((got[0][1], i))
-            got = got[1:]
-        g.extend((c, i) for _, c in got)
+    kept = [(c, o) for c, o in zip(crops, owners, strict=True) if c is not None]
+    count: dict[int, int] = {}
+    for _, o in kept:
+        count[o] = count.get(o, 0) + 1
+    selves = [j for j, (_, o) in enumerate(kept) if count[o] > 1]
     empty = torch.empty(0, 3, size, size)
+    gallery = torch.stack([c for c, _ in kept]) if kept else empty
     return EvalSet(
-        gallery=torch.stack([c for c, _ in g]) if g else empty,
-        gallery_products=[o for _, o in g],
-        queries=torch.stack([c for c, _ in q]) if q else empty,
-        query_products=[i for _, i in q],
+        gallery=gallery,
+        gallery_products=[o for _, o in kept],
+        queries=gallery[selves] if selves else empty,
+        query_products=[kept[j][1] for j in selves],
         n_products=len(products),
+        query_self=selves,
     )
 
 
@@ -395,6 +393,8 @@ def hit_rates(net: nn.Module, ev: EvalSet, device: torch.device, ks: Sequence[in
     if not len(ev.queries) or not len(ev.gallery):
         return {k: float("nan") for k in ks}
     sims = _embed(net, ev.queries, device) @ _embed(net, ev.gallery, device).T  # cosine: unit rows
+    if ev.query_self is not None:
+        sims[torch.arange(len(ev.queries)), torch.tensor(ev.query_self)] = -2.0  # a query never finds itself
     per_product = torch.full((len(ev.queries), ev.n_products), -2.0)
     owners = torch.tensor(ev.gallery_products)
     per_product.scatter_reduce_(1, owners.expand(len(ev.queries), -1), sims, reduce="amax")
@@ -419,7 +419,7 @@ def train_triplets(
     time_budget_s: float | None = None,
     out: str | Path | None = None,
     freeze: int = 0,
-    recalibrate: bool = True,
+    recalibrate: bool | None = None,
     views: int = 4,
     mining: Mining = "semihard",
     weight_decay: float = 1e-4,
@@ -432,6 +432,7 @@ def train_triplets(
     resume: bool = False,
     stop_after: int | None = None,
     same_category: bool = True,
+    trunk_lr: float | None = None,
 ) -> TrainReport:
     """Train the net ``settings`` describes on ``products`` with the triplet hinge loss.
 
@@ -448,6 +449,12 @@ def train_triplets(
     and both RNG states are saved every ``save_every`` steps (and when ``stop_after`` pauses the
     run); ``resume`` continues from that file, and the result equals an uninterrupted run.
     ``same_category``: batches group products of one category and negatives are mined there.
+
+    From trained weights (ImageNet or a checkpoint: ``settings.weights`` is not ``random``) the
+    trunk fine-tunes gently: its BatchNorm statistics stay as they are (no recalibration, norms
+    in eval mode while training) and its learning rate is ``trunk_lr`` × ``lr`` (default 0.1);
+    the new head learns at ``lr``. From random weights everything trains at ``lr`` and the
+    BatchNorm statistics are measured on the training photos (``recalibrate``).
     """
     t_start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -470,7 +477,14 @@ def train_triplets(
     if not 0 <= freeze <= blocks:
         raise ValueError(f"freeze must be 0..{blocks} trunk blocks for {settings.backbone} ({blocks}: train the head only), got {freeze}")
     state_path = Path(state) if state is not None else None
-    run_id = _run_id(settings, usable, steps, batch, lr, margin, seed, freeze, views, mining, weight_decay, tsize, same_category)
+    pretrained = settings.weights != "random"
+    if recalibrate is None:
+        recalibrate = not pretrained
+    if trunk_lr is None:
+        trunk_lr = 0.1 if pretrained else 1.0
+    run_id = _run_id(
+        settings, usable, steps, batch, lr, margin, seed, freeze, views, mining, weight_decay, tsize, same_category, recalibrate, trunk_lr
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout and the augmentations draw from the global RNG
@@ -527,8 +541,12 @@ def train_triplets(
 
         # ---- optimisation
         t = time.perf_counter()
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        trunk_ids = {id(p) for p in net.trunk.parameters()}
+        groups = [
+            {"params": [p for p in net.parameters() if p.requires_grad and id(p) in trunk_ids], "lr_scale": trunk_lr},
+            {"params": [p for p in net.parameters() if p.requires_grad and id(p) not in trunk_ids], "lr_scale": 1.0},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
         warmup = max(1, min(20, steps // 10))
         losses: list[float] = []
         actives: list[float] = []
@@ -571,11 +589,14 @@ def train_triplets(
                 done = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
                 scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
                 for group in opt.param_groups:
-                    group["lr"] = lr * scale
+                    group["lr"] = lr * scale * group["lr_scale"]
                 chosen = _choose(rng, product_ids, by_category, product_cat, pairs_per_step, grouped)
                 x = _batch(rng, by_product, chosen, images, cache, augment, views)
                 cats = torch.tensor([product_cat[i] for i in chosen] * 2, device=device) if grouped else None
                 net.train()
+                if pretrained:  # keep the trunk's trained statistics: batches are small and few
+                    for m in _norms(net):
+                        m.eval()
                 emb = net(x.to(device))
                 loss, active = triplet_loss(emb, pair_labels, margin, mining, cats)
                 opt.zero_grad(set_to_none=True)
@@ -597,7 +618,7 @@ def train_triplets(
             if stopped_by == "paused":
                 assert state_path is not None
                 _save_state(state_path, run_id, len(losses), net, opt, rng, losses, actives)
-            else:
+            elif not pretrained:
                 # BatchNorm statistics of the final weights, on plain crops of training photos
                 sample = rng.sample(range(len(images)), min(_BN_IMAGES, len(images)))
                 plain = cache[sample, 0] if cache is not None else _normalise(images[sample])
