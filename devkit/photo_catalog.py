@@ -2,9 +2,9 @@
 
 No package ships fashion product photos, but ``skimage.data`` ships about twenty real
 photographs (astronaut, chelsea, coffee, rocket, brick, gravel, …). Each photo is cut into a
-``grid`` × ``grid`` of overlapping regions; each region is one product, whose category is the
-photo it came from (neighbouring regions share colours and texture: the hard, same-category
-negatives). A product's photos are ``views`` shots of its region: another framing (crop, scale,
+``grid`` × ``grid`` of regions; each region is one product, whose category is the
+photo it came from (neighbouring regions share colours and texture, not pixels: the hard,
+same-category negatives). A product's photos are ``views`` shots of its region: another framing (crop, scale,
 aspect), a small rotation, other light (brightness, contrast, saturation), blur and JPEG quality.
 
 Used by the training tests and to measure training on real pixels::
@@ -60,16 +60,20 @@ def _source(name: str) -> Image.Image:
     return img
 
 
-def _shot(region: Image.Image, rng: np.random.Generator, size: int) -> bytes:
-    """One photo of a region: new framing, small rotation, other light, blur, JPEG."""
+def _shot(region: Image.Image, rng: np.random.Generator, size: int, turns: bool) -> bytes:
+    """One photo of a region: new framing, small rotation, other light, blur, JPEG; with
+    ``turns``, also turned by a quarter, a half or three quarters at random (a shift between
+    one product's photos that an ImageNet trunk does not shrug off, as shop vs street photos)."""
     w, h = region.size
-    scale = rng.uniform(0.6, 1.0)
+    scale = rng.uniform(0.8, 1.0)
     aspect = np.exp(rng.uniform(np.log(0.8), np.log(1.25)))
     cw = int(min(w, max(8, w * np.sqrt(scale * aspect))))
     ch = int(min(h, max(8, h * np.sqrt(scale / aspect))))
     x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
     img = region.crop((x0, y0, x0 + cw, y0 + ch)).rotate(float(rng.uniform(-8, 8)), resample=Image.Resampling.BILINEAR)
     img = img.resize((size, size), Image.Resampling.BILINEAR)
+    if turns:
+        img = img.rotate(90 * int(rng.integers(0, 4)))
     img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.7, 1.3)))
     img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.7, 1.3)))
     img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.7, 1.3)))
@@ -81,7 +85,7 @@ def _shot(region: Image.Image, rng: np.random.Generator, size: int) -> bytes:
 
 
 def photo_products(
-    *, grid: int = 3, views: int = 4, size: int = 128, seed: int = 0, photos: tuple[str, ...] = PHOTOS
+    *, grid: int = 3, views: int = 4, size: int = 128, seed: int = 0, turns: bool = False, photos: tuple[str, ...] = PHOTOS
 ) -> list[PhotoProduct]:
     """``len(photos) × grid²`` products with ``views`` photos each; the same for the same seed."""
     out = []
@@ -91,17 +95,13 @@ def photo_products(
         cw, ch = w / grid, h / grid
         for r in range(grid):
             for c in range(grid):
-                # each region is its cell grown by a quarter on every side: neighbours overlap
-                box = (
-                    max(0, int((c - 0.25) * cw)),
-                    max(0, int((r - 0.25) * ch)),
-                    min(w, int((c + 1.25) * cw)),
-                    min(h, int((r + 1.25) * ch)),
-                )
+                # each region is its own cell, no shared pixels: a neighbour is a look-alike
+                # (same colours, same texture), never a partial copy
+                box = (int(c * cw), int(r * ch), int((c + 1) * cw), int((r + 1) * ch))
                 region = src.crop(box)
                 pid = f"photo-{name.replace('_', '-')}-{r}{c}"
                 rng = np.random.default_rng([seed, *pid.encode()])
-                out.append(PhotoProduct(pid, name, [PhotoImage(_shot(region, rng, size)) for _ in range(views)]))
+                out.append(PhotoProduct(pid, name, [PhotoImage(_shot(region, rng, size, turns)) for _ in range(views)]))
     return out
 
 
@@ -144,8 +144,9 @@ def main() -> None:
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--turns", action="store_true", help="turn each photo by a random multiple of 90 degrees")
     a = ap.parse_args()
-    products = photo_products(grid=a.grid, views=a.views, size=a.size, seed=a.seed)
+    products = photo_products(grid=a.grid, views=a.views, size=a.size, seed=a.seed, turns=a.turns)
     manifest = write_catalog(a.out, products)
     print(f"{len(products)} products, {sum(len(p.images) for p in products)} photos; manifest {manifest}")
 

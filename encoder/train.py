@@ -281,8 +281,11 @@ def triplet_loss(
     other's positive); negatives are the rows of other products. Mining picks, per anchor:
     ``semihard``: the closest negative farther than the positive (FaceNet), else the farthest;
     ``hardest``: the closest negative; ``all``: every negative, averaged over active triplets.
-    ``categories`` (one integer per row, -1: none): an anchor whose category has other products
-    in the batch mines among those (a cardigan's negative is another cardigan, not a shoe).
+    ``categories`` (one integer per row, -1: none): the negative is taken from the anchor's own
+    category when one there qualifies (``semihard``: farther than the positive; ``hardest``: any),
+    so a cardigan learns against other cardigans, not shoes; otherwise from every other product.
+    (Semi-hard falls back to the whole batch, not to a too-hard negative of the category: with a
+    few look-alikes per batch that fallback collapsed the embeddings in our runs.)
     """
     n = emb.shape[0]
     half = n // 2
@@ -291,10 +294,10 @@ def triplet_loss(
     idx = torch.arange(n, device=emb.device)
     pos = dist[idx, (idx + half) % n]
     neg_mask = labels.view(-1, 1) != labels.view(1, -1)
+    preferred = None
     if categories is not None and mining != "all":
         same = (categories.view(-1, 1) == categories.view(1, -1)) & (categories.view(-1, 1) >= 0)
         preferred = neg_mask & same
-        neg_mask = torch.where(preferred.any(1, keepdim=True), preferred, neg_mask)
     big = torch.finfo(dist.dtype).max
     if mining == "all":
         losses = F.relu(margin + pos.view(-1, 1) - dist)[neg_mask]
@@ -302,9 +305,13 @@ def triplet_loss(
         loss = losses[active].mean() if active.any() else losses.sum() * 0
         return loss, float(active.float().mean())
     if mining == "hardest":
-        d_an = dist.masked_fill(~neg_mask, big).min(1).values
+        pool = neg_mask if preferred is None else torch.where(preferred.any(1, keepdim=True), preferred, neg_mask)
+        d_an = dist.masked_fill(~pool, big).min(1).values
     elif mining == "semihard":
         farther = neg_mask & (dist > pos.view(-1, 1))
+        if preferred is not None:  # a semi-hard look-alike first, else the whole batch's rule
+            farther_own = farther & preferred
+            farther = torch.where(farther_own.any(1, keepdim=True), farther_own, farther)
         outside = dist.masked_fill(~farther, big).min(1).values
         inside = dist.masked_fill(~neg_mask, -big).max(1).values
         d_an = torch.where(farther.any(1), outside, inside)
@@ -737,13 +744,13 @@ def _load_state(
 def _choose(
     rng: random.Random, product_ids: list[int], by_category: dict[int, list[int]], product_cat: dict[int, int], n: int, grouped: bool
 ) -> list[int]:
-    """``n`` products for one step. Grouped: a few products of each drawn category (look-alikes
+    """``n`` products for one step. Grouped: products come in pairs of one category (a look-alike
     for the negative mining), categories drawn in proportion to their size."""
     if not grouped:
         return rng.sample(product_ids, n)
     chosen: list[int] = []
     taken: set[int] = set()
-    group = max(2, n // 4)
+    group = 2  # pairs of look-alikes: every anchor has one, and the batch stays diverse
     while len(chosen) < n:
         anchor = rng.choice(product_ids)
         if anchor in taken:

@@ -3,7 +3,8 @@
 The photos are real photographs (scikit-image's ``data`` module, cut into products by
 :mod:`devkit.photo_catalog`), fetched the way workers fetch them: from the moto S3 server over
 HTTP, from the index a real worker filled from real events, or from a local folder. Training
-runs a few steps of a small net at 64 px, and held-out recall must go up.
+starts from the ImageNet mobilenet_v2 trunk (the default) at 64 px, runs 40 steps, and held-out
+recall must go up.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from cardigan.ops.trainset import (  # noqa: E402
     load_catalog,
     split_heldout,
 )
-from config.settings import EncoderSettings, Settings  # noqa: E402
+from config.settings import EncoderSettings, Settings, patched_env  # noqa: E402
 from devkit.photo_catalog import PhotoProduct, events, photo_products, write_catalog  # noqa: E402
 from encoder.checkpoint import file_sha256  # noqa: E402
 from encoder.train import TrainReport, train_triplets  # noqa: E402
@@ -39,7 +40,6 @@ from tests.harness import Namespace, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-RANDOM = EncoderSettings(backbone="mobilenet_v3_small", image_size=SIZE, device="cpu", seed=0)
 PRETRAINED = EncoderSettings(backbone="mobilenet_v2", weights="IMAGENET1K_V1", image_size=SIZE, device="cpu")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -56,14 +56,15 @@ def real() -> list[PhotoProduct]:
 
 def _train(products: list[CatalogProduct], **kw: object) -> TrainReport:
     train, held = split_heldout(products, 0.3, seed=1)
-    args = {"steps": 40, "batch": 16, "lr": 5e-3, "seed": 3, "log_every": 0, "console": _quiet(), **kw}
-    return train_triplets(RANDOM, train, heldout=held, **args)  # type: ignore[arg-type]
+    args = {"steps": 40, "batch": 16, "lr": 1e-3, "seed": 3, "log_every": 0, "console": _quiet(), **kw}
+    return train_triplets(PRETRAINED, train, heldout=held, **args)  # type: ignore[arg-type]
 
 
 def _recall_went_up(report: TrainReport) -> None:
     before, after = report.hit_before, report.hit_after
     assert report.heldout_products >= 15
-    assert after[1] > before[1] + 0.1 and after[5] >= before[5], (before, after)
+    # the ImageNet trunk already finds most (about 3 in 4 at 64 px); 40 steps on ~47 products must add
+    assert after[1] >= before[1] + 0.03 and after[5] >= before[5], (before, after)
     assert report.losses[-5:] and sum(report.losses[-5:]) < sum(report.losses[:5]), report.losses
 
 
@@ -73,11 +74,18 @@ def _recall_went_up(report: TrainReport) -> None:
 def test_latest_state_wins_and_deletes_drop_the_product() -> None:
     def ev(kind: str, pid: str, version: int, n: int = 1) -> Event:
         return Event.model_validate(
-            {"type": kind, "product_id": pid, "version": version, "images": [{"uri": f"s3://bkt/{pid}/{version}/{i}.jpg"} for i in range(n)]}
+            {
+                "type": kind,
+                "product_id": pid,
+                "version": version,
+                "images": [{"uri": f"s3://bkt/{pid}/{version}/{i}.jpg"} for i in range(n)],
+            }
         )
 
     stats = SourceStats()
-    got = latest_states([ev("add", "a", 2, 2), ev("modify", "a", 1, 3), ev("add", "b", 1), ev("delete", "b", 5, 0), ev("add", "c", 1)], stats)
+    got = latest_states(
+        [ev("add", "a", 2, 2), ev("modify", "a", 1, 3), ev("add", "b", 1), ev("delete", "b", 5, 0), ev("add", "c", 1)], stats
+    )
     assert [(e.product_id, e.version, len(e.images)) for e in got] == [("a", 2, 2), ("c", 1, 1)]
     assert stats.events == 5 and stats.deleted == 1
 
@@ -141,13 +149,13 @@ def test_cli_trains_from_a_manifest_of_local_files_pauses_and_resumes(real: list
     assert "CARDIGAN_ENCODER__BACKBONE=mobilenet_v2" in second and "cardigan reindex" in second  # the pretrained default
 
 
-def test_training_on_real_photos_from_local_files_raises_heldout_recall(real: list[PhotoProduct], tmp_path: Path) -> None:
+def test_manifest_of_local_files(real: list[PhotoProduct], tmp_path: Path) -> None:
     manifest = write_catalog(tmp_path / "photos", real)
     settings = Settings(local_root=tmp_path / "photos")
     products, stats = load_catalog(settings, manifest=manifest, console=_quiet())
     assert stats.products == len(real) and stats.photos == 3 * len(real) and not stats.failed
     assert {p.category for p in products} == {p.category for p in real}
-    _recall_went_up(_train(products))
+    assert [p.product_id for p in products] == sorted(p.product_id for p in real)
 
 
 # --------------------------------------------------------------------------- real servers
@@ -162,7 +170,8 @@ def test_manifest_from_s3_with_the_workers_limits(real: list[PhotoProduct], ns: 
     evs.append({"type": "delete", "product_id": real[2].product_id, "version": 2})
     manifest = tmp_path / "events.jsonl"
     manifest.write_text("".join(json.dumps(e) + "\n" for e in evs))
-    products, stats = load_catalog(ns.settings, manifest=manifest, console=_quiet())
+    with patched_env(ns.env):  # S3 credentials, as the CLI gets them
+        products, stats = load_catalog(ns.settings, manifest=manifest, console=_quiet())
     assert stats.failed == {"missing_image": 1, "forbidden_uri": 1}, stats.failed_examples
     assert stats.deleted == 1 and stats.products == len(real) - 1
     assert real[2].product_id not in {p.product_id for p in products}
@@ -170,7 +179,8 @@ def test_manifest_from_s3_with_the_workers_limits(real: list[PhotoProduct], ns: 
     _recall_went_up(_train(products))
 
     # the S3-prefix layout: <prefix><product_id>/<name>.jpg, same products
-    by_prefix, s3_stats = load_catalog(ns.settings, s3_prefix=f"s3://{ns.settings.bucket}/catalog/", console=_quiet())
+    with patched_env(ns.env):
+        by_prefix, s3_stats = load_catalog(ns.settings, s3_prefix=f"s3://{ns.settings.bucket}/catalog/", console=_quiet())
     assert s3_stats.products == len(real) and all(len(p.images) == 3 for p in by_prefix)
     assert sorted(p.product_id for p in by_prefix) == sorted(p.product_id for p in real)
 
@@ -193,7 +203,8 @@ def test_from_the_index_a_worker_filled_from_real_events(real: list[PhotoProduct
     first = next(e for e in rows if e.product_id == real[0].product_id)
     assert first.images[0].bbox == (0, 0, 80, 80) and first.attributes == {"category": real[0].category}
 
-    products, stats = load_catalog(ns.settings, from_index=True, console=_quiet())
+    with patched_env(ns.env):
+        products, stats = load_catalog(ns.settings, from_index=True, console=_quiet())
     assert stats.products == len(real) and not stats.failed
     assert {p.product_id: p.category for p in products} == {p.product_id: p.category for p in real}
     assert products[[p.product_id for p in products].index(real[0].product_id)].images[0].bbox == (0, 0, 80, 80)

@@ -286,8 +286,11 @@ def train(
     console.print(f"checkpoint: {report.checkpoint} (model version {report.model_version})")
     console.print(
         f"use it: export CARDIGAN_ENCODER__BACKBONE={enc.backbone} CARDIGAN_ENCODER__WEIGHTS={report.checkpoint} "
-        f"CARDIGAN_ENCODER__IMAGE_SIZE={report.image_size}; then `cardigan reindex` (docs/operations.md)"
+        f"CARDIGAN_ENCODER__IMAGE_SIZE={report.image_size}",
+        soft_wrap=True,  # one line: it is meant to be copied
+        highlight=False,
     )
+    console.print("then roll the workers and run `cardigan reindex` (docs/operations.md)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
