@@ -153,17 +153,14 @@ def fetch_products(
     stops the load: training on whatever half came through would be a silent surprise."""
     jobs = [(i, j, img) for i, ev in enumerate(events) for j, img in enumerate(ev.images)]
 
-    def one(job: tuple[int, int, ImageRef]) -> tuple[int, int, CatalogPhoto | None]:
+    def one(job: tuple[int, int, ImageRef]) -> tuple[int, int, CatalogPhoto | CardiganError]:
         i, j, img = job
         try:
             data = fetcher.fetch(img.uri, field=f"images[{j}].uri")
         except TransientError:
             raise
-        except CardiganError as e:
-            stats.failed[e.kind] += 1
-            if len(stats.failed_examples) < 5:
-                stats.failed_examples.append(f"{events[i].product_id} images[{j}]: {e}")
-            return i, j, None
+        except CardiganError as e:  # permanent: the worker would dead-letter this image too
+            return i, j, e
         return i, j, CatalogPhoto(data, img.bbox, img.uri)
 
     photos: dict[int, list[tuple[int, CatalogPhoto]]] = {}
@@ -172,10 +169,14 @@ def fetch_products(
     )
     with progress, ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         task = progress.add_task("fetch", total=len(jobs))
-        for i, j, photo in pool.map(one, jobs):
+        for i, j, got in pool.map(one, jobs):  # counted here, in one thread
             progress.advance(task)
-            if photo is not None:
-                photos.setdefault(i, []).append((j, photo))
+            if isinstance(got, CatalogPhoto):
+                photos.setdefault(i, []).append((j, got))
+                continue
+            stats.failed[got.kind] += 1
+            if len(stats.failed_examples) < 5:
+                stats.failed_examples.append(f"{events[i].product_id} images[{j}]: {got}")
     out = []
     for i, ev in enumerate(events):
         got = [p for _, p in sorted(photos.get(i, []), key=lambda t: t[0])]
