@@ -5,7 +5,15 @@ photo of the same product) and a negative n (a photo of another product), minimi
 ``max(0, g + D(q, p) - D(q, n))`` with D the euclidean distance between unit embeddings.
 Here a batch holds ``batch`` products with two photos each, and every photo is an anchor
 once; its negative is mined in the batch (semi-hard by default), so one forward pass of
-2·batch images yields 2·batch triplets.
+2·batch images yields 2·batch triplets. Products with a category (the event's
+``attributes.category``) come in small same-category groups, and an anchor's negative is mined
+among its own category's products when the batch has any: the look-alikes a search must tell apart.
+
+A run is a fixed number of steps, so its result does not depend on the machine's load; it
+saves its state (model, optimiser, step, RNG) every ``save_every`` steps and ``resume`` picks it
+up, giving the same checkpoint as a run that was never interrupted. Photos come in as bytes
+(:class:`Photo`): the catalog sources (manifest, index, S3 prefix) live in
+``cardigan.ops.trainset``.
 
 Train and index see the same pixels: every photo goes through :func:`cardigan.imaging.crop.preprocess`,
 the worker's own decode → crop → resize. Every photo gets random crops, flips and colour jitter
@@ -27,7 +35,10 @@ checkpoint's sha256.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -81,10 +92,18 @@ class Product(Protocol):
 
 @dataclass(frozen=True)
 class TrainProduct:
-    """A training product from any source: photos of one product, at least one."""
+    """A training product from any source: photos of one product, at least one; ``category``
+    (the event's ``attributes.category``) steers negative mining to look-alike products."""
 
     product_id: str
     images: Sequence[Photo]
+    category: str | None = None
+
+
+def category_of(product: Product) -> str | None:
+    """The product's category when it has one (SyntheticProduct and TrainProduct may)."""
+    cat = getattr(product, "category", None)
+    return str(cat) if cat else None
 
 
 @dataclass
@@ -108,11 +127,13 @@ class TrainReport:
     active: list[float]  # share of triplets with a non-zero loss, per step
     hit_before: dict[int, float]  # k -> hit@k on the held-out queries, untrained net
     hit_after: dict[int, float]
-    stopped_by: Literal["steps", "time budget"]
+    stopped_by: Literal["steps", "time budget", "paused"]
     prep_s: float  # decode/crop/augment/cache
     train_s: float  # optimisation steps and the BatchNorm re-measurement
     eval_s: float  # held-out retrieval, before and after
     total_s: float
+    resumed_from: int = 0  # the step a --resume run started at (0: from the start)
+    state: Path | None = None  # the resumable training state (model, optimiser, step, RNG)
     checkpoint: Path | None = None
     checkpoint_sha256: str | None = None
     model_version: str | None = None
@@ -247,13 +268,24 @@ def _remeasure_batchnorm(net: EmbeddingNet, x: torch.Tensor, batch: int, device:
 # --------------------------------------------------------------------------- loss
 
 
-def triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float, mining: Mining = "semihard") -> tuple[torch.Tensor, float]:
+def triplet_loss(
+    emb: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float,
+    mining: Mining = "semihard",
+    categories: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
     """Mean of ``max(0, g + D(a, p) - D(a, n))`` over anchors; the share of active triplets.
 
     ``emb`` is 2B unit rows, row i and row i+B are the two photos of one product (each the
     other's positive); negatives are the rows of other products. Mining picks, per anchor:
     ``semihard``: the closest negative farther than the positive (FaceNet), else the farthest;
     ``hardest``: the closest negative; ``all``: every negative, averaged over active triplets.
+    ``categories`` (one integer per row, -1: none): the negative is taken from the anchor's own
+    category when one there qualifies (``semihard``: farther than the positive; ``hardest``: any),
+    so a cardigan learns against other cardigans, not shoes; otherwise from every other product.
+    (Semi-hard falls back to the whole batch, not to a too-hard negative of the category: with a
+    few look-alikes per batch that fallback collapsed the embeddings in our runs.)
     """
     n = emb.shape[0]
     half = n // 2
@@ -262,6 +294,10 @@ def triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float, mining:
     idx = torch.arange(n, device=emb.device)
     pos = dist[idx, (idx + half) % n]
     neg_mask = labels.view(-1, 1) != labels.view(1, -1)
+    preferred = None
+    if categories is not None and mining != "all":
+        same = (categories.view(-1, 1) == categories.view(1, -1)) & (categories.view(-1, 1) >= 0)
+        preferred = neg_mask & same
     big = torch.finfo(dist.dtype).max
     if mining == "all":
         losses = F.relu(margin + pos.view(-1, 1) - dist)[neg_mask]
@@ -269,9 +305,13 @@ def triplet_loss(emb: torch.Tensor, labels: torch.Tensor, margin: float, mining:
         loss = losses[active].mean() if active.any() else losses.sum() * 0
         return loss, float(active.float().mean())
     if mining == "hardest":
-        d_an = dist.masked_fill(~neg_mask, big).min(1).values
+        pool = neg_mask if preferred is None else torch.where(preferred.any(1, keepdim=True), preferred, neg_mask)
+        d_an = dist.masked_fill(~pool, big).min(1).values
     elif mining == "semihard":
         farther = neg_mask & (dist > pos.view(-1, 1))
+        if preferred is not None:  # a semi-hard look-alike first, else the whole batch's rule
+            farther_own = farther & preferred
+            farther = torch.where(farther_own.any(1, keepdim=True), farther_own, farther)
         outside = dist.masked_fill(~farther, big).min(1).values
         inside = dist.masked_fill(~neg_mask, -big).max(1).values
         d_an = torch.where(farther.any(1), outside, inside)
@@ -293,6 +333,7 @@ class EvalSet:
     queries: torch.Tensor
     query_products: list[int]
     n_products: int
+    query_self: list[int] | None = None  # per query, its own row in the gallery (left out of its ranking)
 
 
 def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
@@ -319,12 +360,48 @@ def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, worke
     )
 
 
+def make_heldout_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
+    """Held-out retrieval for catalog products of any source, leave one out: every photo of a
+    product with two or more photos queries the gallery of all held-out photos but itself, and
+    must find its product through another of its photos (what a shopper's new photo meets in
+    the index). A product with one photo is only a distractor."""
+    photos = [img for p in products for img in p.images]
+    owners = [i for i, p in enumerate(products) for _ in p.images]
+    crops = _preprocess_all(photos, size, max_pixels, workers)
+    kept = [(c, o) for c, o in zip(crops, owners, strict=True) if c is not None]
+    count: dict[int, int] = {}
+    for _, o in kept:
+        count[o] = count.get(o, 0) + 1
+    selves = [j for j, (_, o) in enumerate(kept) if count[o] > 1]
+    empty = torch.empty(0, 3, size, size)
+    gallery = torch.stack([c for c, _ in kept]) if kept else empty
+    return EvalSet(
+        gallery=gallery,
+        gallery_products=[o for _, o in kept],
+        queries=gallery[selves] if selves else empty,
+        query_products=[kept[j][1] for j in selves],
+        n_products=len(products),
+        query_self=selves,
+    )
+
+
+def heldout_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
+    """Synthetic products are queried with a new street photo; any other products with one of their own."""
+    from devkit.catalog import SyntheticProduct
+
+    if products and all(isinstance(p, SyntheticProduct) for p in products):
+        return make_eval_set(products, size, max_pixels, workers)
+    return make_heldout_set(products, size, max_pixels, workers)
+
+
 def hit_rates(net: nn.Module, ev: EvalSet, device: torch.device, ks: Sequence[int] = HIT_KS) -> dict[int, float]:
     """Share of queries whose product is among the ``k`` best products (best photo per product),
     ranked like :func:`cardigan.ops.query.search_image` ranks the index."""
     if not len(ev.queries) or not len(ev.gallery):
         return {k: float("nan") for k in ks}
     sims = _embed(net, ev.queries, device) @ _embed(net, ev.gallery, device).T  # cosine: unit rows
+    if ev.query_self is not None:
+        sims[torch.arange(len(ev.queries)), torch.tensor(ev.query_self)] = -2.0  # a query never finds itself
     per_product = torch.full((len(ev.queries), ev.n_products), -2.0)
     owners = torch.tensor(ev.gallery_products)
     per_product.scatter_reduce_(1, owners.expand(len(ev.queries), -1), sims, reduce="amax")
@@ -349,7 +426,7 @@ def train_triplets(
     time_budget_s: float | None = None,
     out: str | Path | None = None,
     freeze: int = 0,
-    recalibrate: bool = True,
+    recalibrate: bool | None = None,
     views: int = 4,
     mining: Mining = "semihard",
     weight_decay: float = 1e-4,
@@ -357,18 +434,34 @@ def train_triplets(
     max_pixels: int | None = None,
     train_size: int | None = None,
     console: Console | None = None,
+    state: str | Path | None = None,
+    save_every: int = 0,
+    resume: bool = False,
+    stop_after: int | None = None,
+    same_category: bool = True,
+    trunk_lr: float | None = None,
 ) -> TrainReport:
     """Train the net ``settings`` describes on ``products`` with the triplet hinge loss.
 
-    Stops after ``steps`` steps or ``time_budget_s`` seconds of optimisation, whichever comes
-    first (the learning rate anneals over whichever is nearer, so a budget-limited run still
-    ends cool). Deterministic for a seed when stopped by ``steps`` on the CPU: every random
-    draw comes from ``seed``, and the global torch RNG is restored afterwards. ``heldout``
-    (SyntheticProducts) are measured before and after: hit@1 and hit@5 of a street photo.
-    ``out``: where the checkpoint goes (nothing is written without it). ``train_size``: train
-    on crops this big (default ``settings.image_size``, the size workers embed at, which is
-    also the size the held-out set is measured at): global pooling makes the net size-agnostic,
-    and small crops train several times faster on a CPU.
+    Runs ``steps`` optimisation steps (cosine learning rate over them). Deterministic for a
+    seed on the CPU: every random draw comes from ``seed``, and the global torch RNG is restored
+    afterwards. ``time_budget_s`` (not the default) also stops at a wall clock, and then the
+    result depends on the machine's load. ``heldout`` products are measured before and after:
+    recall@1 and @5 of a query photo (:func:`heldout_set`). ``out``: where the checkpoint goes
+    (nothing is written without it). ``train_size``: train on crops this big (default
+    ``settings.image_size``, the size workers embed at and the held-out set is measured at):
+    global pooling makes the net size-agnostic, and small crops train several times faster.
+
+    Resumable: with ``state`` (a file) and ``save_every`` > 0 the model, optimiser, step, losses
+    and both RNG states are saved every ``save_every`` steps (and when ``stop_after`` pauses the
+    run); ``resume`` continues from that file, and the result equals an uninterrupted run.
+    ``same_category``: batches group products of one category and negatives are mined there.
+
+    From trained weights (ImageNet or a checkpoint: ``settings.weights`` is not ``random``) the
+    trunk fine-tunes gently: its BatchNorm statistics stay as they are (no recalibration, norms
+    in eval mode while training) and its learning rate is ``trunk_lr`` × ``lr`` (default 0.1);
+    the new head learns at ``lr``. From random weights everything trains at ``lr`` and the
+    BatchNorm statistics are measured on the training photos (``recalibrate``).
     """
     t_start = time.perf_counter()
     console = console or Console(stderr=True)
@@ -376,6 +469,8 @@ def train_triplets(
         raise ValueError("batch must be at least 2 products (a triplet needs another product's photo)")
     if steps < 0:
         raise ValueError("steps must be >= 0")
+    if resume and state is None:
+        raise ValueError("resume needs the state file to resume from")
     usable = [p for p in products if len(p.images) > 0]
     if len(usable) < 2:
         raise ValueError(f"training needs at least 2 products with photos, got {len(usable)}")
@@ -388,6 +483,15 @@ def train_triplets(
     blocks = _trunk_blocks(net)
     if not 0 <= freeze <= blocks:
         raise ValueError(f"freeze must be 0..{blocks} trunk blocks for {settings.backbone} ({blocks}: train the head only), got {freeze}")
+    state_path = Path(state) if state is not None else None
+    pretrained = settings.weights != "random"
+    if recalibrate is None:
+        recalibrate = not pretrained
+    if trunk_lr is None:
+        trunk_lr = 0.1 if pretrained else 1.0
+    run_id = _run_id(
+        settings, usable, steps, batch, lr, margin, seed, freeze, views, mining, weight_decay, tsize, same_category, recalibrate, trunk_lr
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # dropout and the augmentations draw from the global RNG
@@ -408,13 +512,21 @@ def train_triplets(
                 raise ValueError(f"fewer than 2 products have a usable photo ({skipped} of {len(crops)} photos failed to decode or crop)")
             images = torch.stack([_to_uint8(c) for c, _ in kept])
             pairs_per_step = min(batch, len(product_ids))
-            ev = make_eval_set(heldout, size, max_pixels) if heldout else None
+            names = sorted({c for p in usable if (c := category_of(p))})
+            cat_code = {c: i for i, c in enumerate(names)}
+            product_cat = {i: cat_code.get(category_of(usable[i]) or "", -1) for i in product_ids}
+            by_category: dict[int, list[int]] = {}
+            for i in product_ids:
+                if product_cat[i] >= 0:
+                    by_category.setdefault(product_cat[i], []).append(i)
+            grouped = same_category and any(len(v) > 1 for v in by_category.values())
+            ev = heldout_set(heldout, size, max_pixels) if heldout else None
             augment = make_augment(tsize)
             net.to(device)
         prep_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        with _status(console, ev is not None, f"measuring hit@k on {len(heldout)} held-out products…"):
+        with _status(console, ev is not None, f"measuring recall@k on {len(heldout)} held-out products…"):
             before = hit_rates(net, ev, device) if ev else {}
         eval_s = time.perf_counter() - t
 
@@ -436,12 +548,17 @@ def train_triplets(
 
         # ---- optimisation
         t = time.perf_counter()
-        params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        trunk_ids = {id(p) for p in net.trunk.parameters()}
+        groups = [
+            {"params": [p for p in net.parameters() if p.requires_grad and id(p) in trunk_ids], "lr_scale": trunk_lr},
+            {"params": [p for p in net.parameters() if p.requires_grad and id(p) not in trunk_ids], "lr_scale": 1.0},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
         warmup = max(1, min(20, steps // 10))
         losses: list[float] = []
         actives: list[float] = []
-        stopped_by: Literal["steps", "time budget"] = "steps"
+        start = 0
+        stopped_by: Literal["steps", "time budget", "paused"] = "steps"
         pair_labels = torch.arange(pairs_per_step).repeat(2).to(device)
         with (
             _trunk_from(net, freeze),
@@ -455,21 +572,40 @@ def train_triplets(
                 transient=False,
             ) as progress,
         ):
-            # the bar follows whichever limit is nearer: the steps or the time budget
-            task = progress.add_task(f"{settings.backbone}@{tsize}px", total=1.0, step=0, steps=steps, loss=float("nan"))
-            for step in range(steps):
+            if resume:  # inside _trunk_from: the state holds the trained blocks only, as saved
+                assert state_path is not None
+                start, losses, actives = _load_state(state_path, run_id, net, opt, rng)
+                progress.console.log(f"resumed from {state_path} at step {start}/{steps}")
+            # the bar follows the steps (or a time budget, when one is given and nearer)
+            task = progress.add_task(
+                f"{settings.backbone}@{tsize}px",
+                total=1.0,
+                completed=start / steps if steps else 1.0,
+                step=start,
+                steps=steps,
+                loss=float("nan"),
+            )
+            for step in range(start, steps):
                 elapsed = time.perf_counter() - t
                 if time_budget_s is not None and elapsed >= time_budget_s:
                     stopped_by = "time budget"
                     break
+                if stop_after is not None and step - start >= stop_after:
+                    stopped_by = "paused"
+                    break
                 done = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
                 scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
                 for group in opt.param_groups:
-                    group["lr"] = lr * scale
-                x = _batch(rng, by_product, product_ids, pairs_per_step, images, cache, augment, views)
+                    group["lr"] = lr * scale * group["lr_scale"]
+                chosen = _choose(rng, product_ids, by_category, product_cat, pairs_per_step, grouped)
+                x = _batch(rng, by_product, chosen, images, cache, augment, views)
+                cats = torch.tensor([product_cat[i] for i in chosen] * 2, device=device) if grouped else None
                 net.train()
+                if pretrained:  # keep the trunk's trained statistics: batches are small and few
+                    for m in _norms(net):
+                        m.eval()
                 emb = net(x.to(device))
-                loss, active = triplet_loss(emb, pair_labels, margin, mining)
+                loss, active = triplet_loss(emb, pair_labels, margin, mining, cats)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -484,17 +620,23 @@ def train_triplets(
                         f"step {step + 1}: loss {sum(recent) / len(recent):.4f} (last {len(recent)}), "
                         f"{active:.0%} triplets active, lr {lr * scale:.2e}"
                     )
-            # BatchNorm statistics of the final weights, on plain crops of training photos
-            sample = rng.sample(range(len(images)), min(_BN_IMAGES, len(images)))
-            plain = cache[sample, 0] if cache is not None else _normalise(images[sample])
-            _remeasure_batchnorm(net, plain, 2 * pairs_per_step, device)
+                if state_path is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                    _save_state(state_path, run_id, step + 1, net, opt, rng, losses, actives)
+            if stopped_by == "paused":
+                assert state_path is not None
+                _save_state(state_path, run_id, len(losses), net, opt, rng, losses, actives)
+            elif not pretrained:
+                # BatchNorm statistics of the final weights, on plain crops of training photos
+                sample = rng.sample(range(len(images)), min(_BN_IMAGES, len(images)))
+                plain = cache[sample, 0] if cache is not None else _normalise(images[sample])
+                _remeasure_batchnorm(net, plain, 2 * pairs_per_step, device)
         train_s = time.perf_counter() - t
         net.requires_grad_(True)
         net.eval()
 
         t = time.perf_counter()
-        with _status(console, ev is not None, f"measuring hit@k on {len(heldout)} held-out products…"):
-            after = hit_rates(net, ev, device) if ev else {}
+        with _status(console, ev is not None and stopped_by != "paused", f"measuring recall@k on {len(heldout)} held-out products…"):
+            after = hit_rates(net, ev, device) if ev and stopped_by != "paused" else {}
         eval_s += time.perf_counter() - t
 
     report = TrainReport(
@@ -520,8 +662,10 @@ def train_triplets(
         train_s=round(train_s, 2),
         eval_s=round(eval_s, 2),
         total_s=0.0,
+        resumed_from=start,
+        state=state_path,
     )
-    if out is not None:
+    if out is not None and stopped_by != "paused":
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         report.checkpoint = path
@@ -530,6 +674,92 @@ def train_triplets(
     report.total_s = round(time.perf_counter() - t_start, 2)
     report.net = net
     return report
+
+
+# --------------------------------------------------------------------------- resumable state
+
+_STATE_FORMAT = 1
+
+
+def _run_id(settings: EncoderSettings, products: Sequence[Product], *args: object) -> str:
+    """What a saved state belongs to: the starting net, the data and the recipe. A resume with
+    anything else would silently train a different model, so it is refused."""
+    h = hashlib.sha256()
+    h.update(json.dumps([model_version_for(settings), settings.image_size, [str(a) for a in args]]).encode())
+    for p in products:
+        h.update(p.product_id.encode() + b"\x00")
+        for img in p.images:
+            h.update(hashlib.sha256(img.data).digest())
+            h.update(repr(tuple(img.bbox) if img.bbox is not None else None).encode())
+    return h.hexdigest()
+
+
+def _save_state(
+    path: Path,
+    run_id: str,
+    step: int,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    rng: random.Random,
+    losses: list[float],
+    actives: list[float],
+) -> None:
+    """Everything the next step depends on, written atomically (a kill mid-save keeps the last one)."""
+    version, internal, gauss = rng.getstate()
+    data = {
+        "format": _STATE_FORMAT,
+        "run_id": run_id,
+        "step": step,
+        "net": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        "opt": opt.state_dict(),
+        "rng": [version, list(internal), gauss],
+        "torch_rng": torch.get_rng_state(),
+        "losses": list(losses),
+        "actives": list(actives),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(data, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(
+    path: Path, run_id: str, net: nn.Module, opt: torch.optim.Optimizer, rng: random.Random
+) -> tuple[int, list[float], list[float]]:
+    if not path.is_file():
+        raise ValueError(f"--resume: no training state at {path} (runs save one with --save-every)")
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or data.get("format") != _STATE_FORMAT:
+        raise ValueError(f"--resume: {path} is not a training state of this version")
+    if data["run_id"] != run_id:
+        raise ValueError(f"--resume: {path} was saved by a run with other data, settings or options; run without --resume to start over")
+    net.load_state_dict(data["net"])
+    opt.load_state_dict(data["opt"])
+    version, internal, gauss = data["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(data["torch_rng"])
+    return int(data["step"]), list(data["losses"]), list(data["actives"])
+
+
+def _choose(
+    rng: random.Random, product_ids: list[int], by_category: dict[int, list[int]], product_cat: dict[int, int], n: int, grouped: bool
+) -> list[int]:
+    """``n`` products for one step. Grouped: products come in pairs of one category (a look-alike
+    for the negative mining), categories drawn in proportion to their size."""
+    if not grouped:
+        return rng.sample(product_ids, n)
+    chosen: list[int] = []
+    taken: set[int] = set()
+    group = 2  # pairs of look-alikes: every anchor has one, and the batch stays diverse
+    while len(chosen) < n:
+        anchor = rng.choice(product_ids)
+        if anchor in taken:
+            continue
+        pool = [i for i in by_category.get(product_cat[anchor], [anchor]) if i not in taken and i != anchor]
+        picks = [anchor, *rng.sample(pool, min(len(pool), group - 1, n - len(chosen) - 1))]
+        chosen.extend(picks)
+        taken.update(picks)
+    return chosen
 
 
 def _status(console: Console, show: bool, text: str) -> contextlib.AbstractContextManager[object]:
@@ -551,15 +781,13 @@ def _cache_prefix(prefix: nn.Module, images: torch.Tensor, augment: v2.Transform
 def _batch(
     rng: random.Random,
     by_product: dict[int, list[int]],
-    product_ids: list[int],
-    n: int,
+    chosen: list[int],
     images: torch.Tensor,
     cache: torch.Tensor | None,
     augment: v2.Transform,
     views: int,
 ) -> torch.Tensor:
-    """2n inputs: rows i and n+i are two photos of one product (one photo: two augmentations)."""
-    chosen = rng.sample(product_ids, n)
+    """2n inputs: rows i and n+i are two photos of product ``chosen[i]`` (one photo: two augmentations)."""
     first, second = [], []
     for pid in chosen:
         own = by_product[pid]

@@ -78,6 +78,32 @@ def test_triplet_loss_is_the_hinge_on_the_mined_negative() -> None:
         triplet_loss(emb, labels, margin, "nope")  # type: ignore[arg-type]
 
 
+def test_negatives_come_from_the_anchors_category_when_the_batch_has_one() -> None:
+    # Three products: 0 and 1 are cardigans, 2 a shoe. Rows i and i+3 are one product's photos.
+    emb = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.9, 0.0, 0.44], [0.99, 0.14, 0.0], [0.5, 0.86, 0.0], [0.88, 0.1, 0.46]]), dim=1
+    )
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    cats = torch.tensor([7, 7, 3, 7, 7, 3])
+    dist = torch.cdist(emb, emb)
+    margin = 0.5
+    loss, _ = triplet_loss(emb, labels, margin, "hardest", cats)
+    # anchor 0's hardest negative overall is the shoe (row 2); within its category, product 1
+    assert dist[0, 2] < dist[0, 1]
+    expected = []
+    for i in range(6):
+        same = (cats == cats[i]) & (labels != labels[i])
+        pool = same if same.any() else labels != labels[i]
+        expected.append((margin + dist[i, (i + 3) % 6] - dist[i][pool].min()).clamp_min(0))
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-5)
+    assert loss.item() != pytest.approx(triplet_loss(emb, labels, margin, "hardest")[0].item(), abs=1e-4)
+    # -1: no category, every other product is a candidate
+    none = torch.full((6,), -1)
+    assert triplet_loss(emb, labels, margin, "hardest", none)[0].item() == pytest.approx(
+        triplet_loss(emb, labels, margin, "hardest")[0].item()
+    )
+
+
 def test_training_lowers_the_loss(trained: TrainReport) -> None:
     losses = trained.losses
     assert trained.steps == len(losses) == 30 and trained.stopped_by == "steps"
@@ -156,11 +182,12 @@ def test_training_catalog_is_not_the_demos() -> None:
 def test_cli_trains_and_prints_hits(tmp_path: Path) -> None:
     out = tmp_path / "enc.pt"
     args = ["train", "--products", "4", "--heldout", "3", "--steps", "3", "--batch", "4", "--image-size", str(SIZE), "--out", str(out)]
+    args += ["--backbone", "mobilenet_v3_small", "--weights", "random"]
     env = {**os.environ, "CARDIGAN_ENCODER__DEVICE": "cpu", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "cardigan.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     text = proc.stdout
-    assert "hit@1" in text and "hit@5" in text and "3 held-out" in text
+    assert "recall@1" in text and "recall@5" in text and "3 held-out" in text
     assert "3 steps of 4 products x 2 photos (stopped by steps)" in text
     assert out.is_file() and f"ckpt{file_sha256(out)[:12]}" in text
     assert f"CARDIGAN_ENCODER__WEIGHTS={out}" in text
