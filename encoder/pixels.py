@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cardigan.imaging.crop import _SCALE, _SHIFT, normalise
+from encoder.normalise import _SCALE, _SHIFT, normalise
 
 Pixels = Sequence[np.ndarray | torch.Tensor] | np.ndarray | torch.Tensor
 

@@ -55,11 +55,12 @@ from torch import nn
 from torchvision.transforms import v2
 
 from cardigan.errors import CardiganError
-from cardigan.imaging.crop import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from cardigan.imaging.crop import preprocess
 from config.settings import EncoderSettings, LimitSettings
 from encoder.checkpoint import save_checkpoint
 from encoder.encoder import Encoder, model_version_for
 from encoder.model import EMBEDDING_DIM, EmbeddingNet
+from encoder.normalise import IMAGENET_MEAN, IMAGENET_STD
 
 Mining = Literal["semihard", "hardest", "all"]
 HIT_KS = (1, 5)

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from encoder.normalise import IMAGENET_MEAN, IMAGENET_STD
+
 if TYPE_CHECKING:  # the encoder imports settings and torch models; crop.py must not pay for it
     from config.settings import CropSettings
     from encoder import Encoder
@@ -51,8 +53,8 @@ THRESHOLD = {"boxhead": 0.5, "energy": 0.7}
 MIN_SHARE = 0.01  # a smaller box is a speck: the centre crop is safer
 MAX_SHARE = 0.9  # a box this close to the whole photo gains nothing over the centre crop
 
-_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_STD = np.array([0.229, 0.224, 0.225], np.float32)
+_MEAN = np.array(IMAGENET_MEAN, np.float32)
+_STD = np.array(IMAGENET_STD, np.float32)
 
 
 def trunk_fingerprint(trunk: nn.Module) -> str:
