@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cardigan.cli import app
-from cardigan.ops.evaluate import EvalError, Item, junk_mask, require_localiser, retrieval_metrics
+from cardigan.ops.evaluate import EvalError, Item, junk_mask, retrieval_metrics
 from devkit.evalsets import near_duplicates
 
 
@@ -80,11 +79,17 @@ def test_bad_options_fail_clearly() -> None:
     assert res.exit_code == 2 and "unknown eval set 'nonsense'" in res.output
 
 
-def test_localise_needs_the_localiser() -> None:
-    if importlib.util.find_spec("cardigan.imaging.localise") is None:
-        with pytest.raises(EvalError, match="no localiser"):
-            require_localiser()
-        res = CliRunner().invoke(app, ["eval", "--crop", "localise"])
-        assert res.exit_code == 2 and "cardigan.imaging.localise is missing" in res.output
-    else:
-        require_localiser()  # present: no error
+def test_localise_finds_the_product_where_the_centre_crop_does_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Street photos without their box: the workers' localiser against the trim/centre fallback."""
+    monkeypatch.setenv("CARDIGAN_ENCODER__RUNTIME", "torch")
+    maps = {}
+    for crop in ("centre", "localise"):
+        args = ["eval", "--json", "--set", "street2shop", "--image-size", "128", "--products", "16", "--crop", crop]
+        res = CliRunner().invoke(app, [*args, "-w", "mobilenet_v2:IMAGENET1K_V1"])
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.stdout.strip().splitlines()[-1])
+        assert data["crop"] == crop
+        maps[crop] = data["scores"][0]["mAP"]
+    assert maps["localise"] > maps["centre"] + 0.1, maps
+    res = CliRunner().invoke(app, ["eval", "--set", "street2shop", "--products", "4", "--image-size", "64", "--crop", "localise", "-w", "random"])
+    assert res.exit_code == 2 and "no localiser" in res.output, res.output

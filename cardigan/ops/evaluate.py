@@ -24,7 +24,7 @@ import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -151,12 +151,12 @@ def _query_box(mode: CropMode) -> Callable[[Item], tuple[float, float, float, fl
         return lambda item: None  # no box: background trim where it applies, else the centre square
     if mode == "localise":
         require_localiser()
-        return lambda item: None  # no box: preprocess's own chain, which the localiser joins
+        return lambda item: None  # no box: the localiser finds the product (see score_set)
     raise EvalError(f"--crop must be one of {', '.join(CROP_MODES)}, not {mode!r}")
 
 
 def require_localiser() -> None:
-    """The localiser (issue 10 point 3) must be in this tree for ``--crop localise``."""
+    """The localiser must be in this tree for ``--crop localise``."""
     if importlib.util.find_spec("cardigan.imaging.localise") is None:
         raise EvalError(
             "--crop localise: this install has no localiser (cardigan.imaging.localise is missing); "
@@ -164,14 +164,19 @@ def require_localiser() -> None:
         )
 
 
-def embed_items(encoder: Encoder, items: Sequence[Item], *, max_pixels: int, box: Callable[[Item], object] | None = None) -> torch.Tensor:
+def embed_items(
+    encoder: Encoder, items: Sequence[Item], *, max_pixels: int, box: Callable[[Item], object] | None = None, localiser: Any = None
+) -> torch.Tensor:
     """N×D unit rows: each photo through the workers' preprocessing and the encoder's embed."""
     box = box or (lambda item: item.bbox)
     size = encoder.image_size
     rows: list[np.ndarray] = []
     for start in range(0, len(items), _EMBED_BATCH):
         chunk = items[start : start + _EMBED_BATCH]
-        tensors = [preprocess(it.data, box(it), size=size, max_pixels=max_pixels, field_prefix=f"{it.label}")[0] for it in chunk]  # type: ignore[arg-type]
+        tensors = [
+            preprocess(it.data, box(it), size=size, max_pixels=max_pixels, field_prefix=f"{it.label}", localiser=localiser)[0]  # type: ignore[arg-type]
+            for it in chunk
+        ]
         rows.append(encoder.embed(torch.stack(tensors)))
     return torch.from_numpy(np.concatenate(rows)) if rows else torch.empty(0, encoder.dim)
 
@@ -189,7 +194,15 @@ def score_set(
     t = time.perf_counter()
     box = _query_box(crop)
     encoder.load()
-    q = embed_items(encoder, ev.queries, max_pixels=max_pixels, box=box)
+    localiser = None
+    if crop == "localise":  # the workers' localiser (crop.localiser=boxhead), as indexing and queries run it
+        from cardigan.imaging.localise import localiser_for
+        from config.settings import CropSettings
+
+        localiser = localiser_for(encoder, CropSettings())
+        if localiser is None:
+            raise EvalError(f"--crop localise: no localiser for {label} (random weights, or no box head for its backbone)")
+    q = embed_items(encoder, ev.queries, max_pixels=max_pixels, box=box, localiser=localiser)
     g = embed_items(encoder, ev.gallery, max_pixels=max_pixels)
     sims = (q @ g.T).numpy()  # cosine: the rows are unit vectors
     recall, mean_ap = retrieval_metrics(
