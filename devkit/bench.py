@@ -41,6 +41,8 @@ from rich.table import Table
 
 from cardigan.errors import CardiganError
 from cardigan.keys import FRESHNESS_KEY, STATS_KEY
+from cardigan.poll import poll
+from cardigan.procstat import cpu_s, percentile, rss_mb, thread_cpu
 from config.settings import settings_from_env
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
@@ -100,45 +102,6 @@ class BenchOptions:
 # --------------------------------------------------------------------------- small tools
 
 
-def rss_mb(pid: int) -> float | None:
-    """A process's resident memory (VmRSS) in MiB, from /proc; None if it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, its threads and reaped children) a process has used; 0 if gone.
-
-    Wall-clock throughput on a shared machine depends on what else runs; CPU seconds per image
-    do not, so the bench reports both.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return sum(int(f) for f in fields[11:15]) / _TICK
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), linear interpolation, as numpy's default."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def ceiling(forward: float, decode: float, device_type: str) -> float:
     """Best images/s the machine allows for decode + forward.
 
@@ -159,11 +122,8 @@ _settings = settings_from_env
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    if not poll(pred, timeout, interval):
+        raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- worker CPU by thread
@@ -188,17 +148,7 @@ def _thread_group(name: str | None) -> str:
 
 def thread_cpu_groups() -> dict[str, float]:
     """CPU seconds of this process's live threads, summed per stage (Linux /proc)."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # the thread ended
-        fields = stat[stat.rindex(")") + 2 :].split()
-        group = _thread_group(names.get(int(tid)))
-        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
-    return out
+    return thread_cpu(_thread_group)
 
 
 def profiled_celery() -> None:

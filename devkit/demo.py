@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -34,6 +33,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cardigan.errors import CardiganError
+from cardigan.poll import poll
+from cardigan.procstat import percentile, proc_stat
 from config.settings import Settings, redact_url, settings_from_env
 from devkit.stack import Stack, StackInfo, log_tail
 
@@ -155,21 +156,10 @@ def settings_for(env: Mapping[str, str]) -> Settings:
     return settings_from_env(env)
 
 
-def percentile(values: list[int], p: float) -> float:
-    """Nearest-rank percentile (no interpolation: every reported value was measured)."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return float(s[max(0, math.ceil(p / 100 * len(s)) - 1)])
-
-
 def _proc_start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    """The start time that, with the pid, names one process; None once it is gone or a zombie."""
+    st = proc_stat(pid)
+    return None if st is None or st.gone else st.start_ticks
 
 
 # --------------------------------------------------------------------------- workers
@@ -214,12 +204,7 @@ class WorkerProc:
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                return True
-            time.sleep(0.1)
-        return False
+        return poll(lambda: not self.alive(), timeout, 0.1)
 
 
 def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Path, *, concurrency: int, threads: int) -> WorkerProc:
@@ -243,19 +228,20 @@ def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Pa
 
 def wait_ready(workers: list[WorkerProc], timeout: float) -> None:
     """Until every worker logged ``ready.`` (its model is loaded by then); fail fast on a death."""
-    deadline = time.monotonic() + timeout
     pending = list(workers)
-    while pending:
+
+    def all_ready() -> bool:
         for w in list(pending):
             text = w.log_text()
             if f"{w.name}@" in text and " ready." in text:
                 pending.remove(w)
             elif not w.alive():
                 raise DemoError(f"worker {w.name} exited while starting; log {w.log}:\n{log_tail(w.log, 30)}")
-        if pending and time.monotonic() > deadline:
-            w = pending[0]
-            raise DemoError(f"worker {w.name} not ready after {timeout:.0f}s; log {w.log}:\n{log_tail(w.log, 30)}")
-        time.sleep(0.2)
+        return not pending
+
+    if not poll(all_ready, timeout, 0.2):
+        w = pending[0]
+        raise DemoError(f"worker {w.name} not ready after {timeout:.0f}s; log {w.log}:\n{log_tail(w.log, 30)}")
 
 
 # --------------------------------------------------------------------------- what a --keep run left
