@@ -14,7 +14,7 @@ run:
 
 Each phase owns a Redis database, queues and a Milvus alias of the temporary stack, and its
 own worker processes, so phases do not see each other's data. ``run_bench(BenchOptions)``
-is the whole thing without the CLI. Numbers are for this machine only: docs/performance.md
+is the whole thing without the CLI: a list of named phases returning a :class:`BenchResult`. Numbers are for this machine only: docs/performance.md
 says how to read them.
 """
 
@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,9 +41,12 @@ from rich.table import Table
 
 from cardigan.errors import CardiganError
 from cardigan.keys import FRESHNESS_KEY, STATS_KEY
+from cardigan.poll import poll
+from cardigan.procstat import cpu_s, percentile, rss_mb, thread_cpu
 from config.settings import settings_from_env
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
+    from config.settings import Settings
     from encoder import Encoder
 
 KEY_PREFIX = "bench"
@@ -100,45 +103,6 @@ class BenchOptions:
 # --------------------------------------------------------------------------- small tools
 
 
-def rss_mb(pid: int) -> float | None:
-    """A process's resident memory (VmRSS) in MiB, from /proc; None if it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system, its threads and reaped children) a process has used; 0 if gone.
-
-    Wall-clock throughput on a shared machine depends on what else runs; CPU seconds per image
-    do not, so the bench reports both.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return sum(int(f) for f in fields[11:15]) / _TICK
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100), linear interpolation, as numpy's default."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def ceiling(forward: float, decode: float, device_type: str) -> float:
     """Best images/s the machine allows for decode + forward.
 
@@ -159,11 +123,8 @@ _settings = settings_from_env
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    if not poll(pred, timeout, interval):
+        raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------- worker CPU by thread
@@ -188,17 +149,7 @@ def _thread_group(name: str | None) -> str:
 
 def thread_cpu_groups() -> dict[str, float]:
     """CPU seconds of this process's live threads, summed per stage (Linux /proc)."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
-        except OSError:
-            continue  # the thread ended
-        fields = stat[stat.rindex(")") + 2 :].split()
-        group = _thread_group(names.get(int(tid)))
-        out[group] = out.get(group, 0.0) + (int(fields[11]) + int(fields[12])) / _TICK
-    return out
+    return thread_cpu(_thread_group)
 
 
 def profiled_celery() -> None:
@@ -779,10 +730,167 @@ def _load_avg() -> float:
         return float("nan")
 
 
-def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
-    """Run every phase; return the flat result object that ``--json`` prints."""
-    from cardigan.imaging.fetch import make_s3_client
-    from devkit.stack import S3_MODES, Stack
+@dataclass
+class BenchResult:
+    """What one bench run measured: ``as_dict()`` is the flat object ``--json`` prints.
+
+    Fields are in the printed order; ``cpu_ms_per_image_by_group`` prints as one
+    ``cpu_ms_per_image_<group>`` key per process group, and ``sections`` (the optional phases:
+    detection lag and cost, soak) prints its keys last, as they are.
+    """
+
+    images_per_s: float
+    events_per_s: float
+    runtime: str  # what ran the forward pass measured as images_per_s
+    images_per_s_torch: float | None
+    speedup_vs_torch: float | None
+    naive_images_per_s: float | None
+    speedup_vs_naive: float | None
+    forward_only_images_per_s: float
+    forward_only_images_per_s_torch: float | None
+    decode_only_images_per_s: float
+    forward_only_torch_threads: int | None
+    ceiling_images_per_s_before: float
+    ceiling_images_per_s_after: float
+    ceiling_images_per_s: float
+    ratio_to_ceiling: float | None
+    freshness_p50_ms: float | None
+    freshness_p99_ms: float | None
+    batch_size_mean: float | None
+    rss_mb_start: float | None
+    rss_mb_end: float | None
+    device: str
+    model: str
+    image_size: int
+    # context: what was run, and how busy the machine was
+    events: int
+    images: int
+    seconds: float
+    naive_events_per_s: float | None
+    naive_batch_size_mean: float | None
+    write_batch_mean: float | None
+    model_busy_pct: float
+    # CPU cost per image: independent of what else the machine runs
+    cpu_ms_per_image: float
+    cpu_ms_per_image_by_group: dict[str, float]
+    worker_cpu_ms_per_image_by_stage: dict[str, float] | None
+    naive_cpu_ms_per_image: float | None
+    naive_worker_cpu_ms_per_image_by_stage: dict[str, float] | None
+    forward_only_cpu_ms_per_image: float
+    decode_only_cpu_ms_per_image: float
+    cpu_ratio_to_ceiling: float | None
+    freshness_rate_events_per_s: float
+    freshness_samples: int
+    workers: int
+    concurrency: int
+    batch_size: int
+    batch_wait_ms: float
+    fetch_threads: int
+    prefetch_multiplier: int
+    torch_threads: int | None
+    s3: str
+    cpu_count: int | None
+    load_avg_start: float
+    load_avg_end: float
+    sections: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "cpu_ms_per_image_by_group":
+                out.update({f"cpu_ms_per_image_{k}": v for k, v in sorted(value.items())})
+            elif f.name == "sections":
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+
+@dataclass
+class Rig:
+    """What every phase shares: the running stack, the photo pool, the events and where logs go."""
+
+    opts: BenchOptions
+    cleanup: contextlib.ExitStack
+    stack: Any  # devkit.stack.Stack
+    info: Any  # devkit.stack.StackInfo
+    stack_env: dict[str, str]
+    log_dir: Path
+    base: Settings
+    concurrency: int
+    pool: Pool
+    events: list[dict[str, Any]] = field(default_factory=list)
+    images: int = 0
+    warm: list[dict[str, Any]] = field(default_factory=list)
+    warm_rows: int = 0
+    load_start: float = float("nan")
+    servers: dict[str, int] = field(default_factory=dict)
+
+    def phase(self, name: str, db: int, **extra: str) -> Phase:
+        """A fresh namespace (broker db, collection, queues) for one phase; closed at the end."""
+        env = {
+            **self.stack_env,
+            **_worker_env(self.opts, **extra),
+            "CARDIGAN_BROKER_URL": self.info.broker_url.rsplit("/", 1)[0] + f"/{db}",
+            "CARDIGAN_COLLECTION": f"bench_{name}",
+            "CARDIGAN_QUEUE": f"bench.{name}",
+            "CARDIGAN_BULK_QUEUE": f"bench.{name}.bulk",
+        }
+        ph = Phase(name, env, self.log_dir)
+        self.cleanup.callback(ph.close)
+        return ph
+
+    def warmed(self, ph: Phase) -> None:
+        """Start the phase's workers and run the warm-up events through them."""
+        opts = self.opts
+        ph.start_workers(opts.workers, self.concurrency, opts.ready_timeout_s, profile=opts.profile)
+        if self.warm:
+            run_through(
+                ph, self.warm, self.warm_rows, expect_rows=self.warm_rows, progress=None, label=f"{ph.name} warm-up", timeout=opts.drain_timeout_s
+            )
+
+    def timed(self, ph: Phase, label: str, progress: Progress | None) -> RunResult:
+        """The bench's events through a warmed phase, timed."""
+        return run_through(
+            ph,
+            self.events,
+            self.images,
+            expect_rows=self.warm_rows + self.images,
+            progress=progress,
+            label=label,
+            timeout=self.opts.drain_timeout_s,
+            servers=self.servers,
+        )
+
+
+@dataclass
+class Batched:
+    """The batched pipeline's run, its freshness at half that rate, and its memory."""
+
+    run: RunResult
+    rss_start: float | None
+    rss_end: float | None
+    ceiling_after: Ceiling  # the model and decode alone again, measured right after the run
+    latencies: list[float]
+    rate: float
+    lag: dict[str, Any]
+
+
+@dataclass
+class Ceilings:
+    """The model and decode alone, before any pipeline ran: what the machine allows."""
+
+    enc: Encoder
+    before: Ceiling
+    forward_torch: float | None  # the model alone on torch, when the bench runs onnxruntime
+
+
+def _check(opts: BenchOptions) -> None:
+    from devkit.stack import S3_MODES
 
     if opts.events < 1:
         raise BenchError("--events must be at least 1")
@@ -790,200 +898,209 @@ def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Call
         raise BenchError(f"--runtime must be torch or onnxruntime, not {opts.runtime!r}")
     if opts.s3 not in S3_MODES:
         raise BenchError(f"--s3 must be one of {', '.join(S3_MODES)}, not {opts.s3!r}")
+
+
+def _rig(opts: BenchOptions, cleanup: contextlib.ExitStack, say: Callable[[str], None]) -> Rig:
+    """Stack up, settings as the workers build them, the photo pool stored, the events made."""
+    from cardigan.imaging.fetch import make_s3_client
+    from devkit.stack import Stack
+
+    root = opts.data_dir or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cardigan-bench-")))
+    log_dir = root / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    say(f"stack in {root}")
+    stack = Stack(root / "stack", s3=opts.s3)  # type: ignore[arg-type]
+    info = cleanup.enter_context(stack.running(timeout=120))
+    stack_env = info.env()
+    os.environ.update({k: v for k, v in stack_env.items() if k.startswith("AWS_")})  # boto3's chain, for the upload
+    base = _settings({**stack_env, **_worker_env(opts)})
+    concurrency = opts.concurrency or base.worker.concurrency
+    load_start = _load_avg()
+
+    say(f"rendering {min(opts.pool, opts.events)} products and storing their photos")
+    s3 = make_s3_client(base.s3_endpoint_url, base.s3_region) if opts.s3 != "folder" else None
+    folder = info.local_root if opts.s3 == "folder" else None
+    pool = make_pool(min(opts.pool, opts.events), seed=opts.seed, s3=s3, bucket=base.bucket, folder=folder)
+    return Rig(opts, cleanup, stack, info, stack_env, log_dir, base, concurrency, pool, load_start=load_start)
+
+
+def _add_events(rig: Rig) -> None:
+    """The measured events and the warm-up events, and the servers whose CPU is counted."""
+    opts, pool = rig.opts, rig.pool
+    rig.servers = {name: st["pid"] for name, st in rig.stack.status().items() if st.get("pid")}
+    rig.events = [pool.event(f"e-{i}", i) for i in range(opts.events)]
+    rig.images = sum(pool.images_of(i) for i in range(opts.events))
+    rig.warm = [pool.event(f"warm-{i}", i) for i in range(opts.warmup)]
+    rig.warm_rows = sum(pool.images_of(i) for i in range(opts.warmup))
+
+
+def _ceilings(rig: Rig, say: Callable[[str], None]) -> Ceilings:
+    say("measuring the ceiling: model alone, then decode alone")
+    from encoder import build_encoder
+
+    base = rig.base
+    enc = build_encoder(base.encoder).load()
+    before = Ceiling.measure(enc, rig.pool.jpegs, base.limits.max_image_pixels)
+    fwd_torch: float | None = None
+    if rig.opts.compare_torch and enc.runtime != "torch":
+        say("the model alone on the torch runtime")
+        fwd_torch = forward_only(build_encoder(base.encoder.model_copy(update={"runtime": "torch"})).load())[0]
+    return Ceilings(enc, before, fwd_torch)
+
+
+def _batched(rig: Rig, enc: Encoder, progress: Progress | None, say: Callable[[str], None]) -> Batched:
+    """The batched pipeline at full speed, the ceiling again, then (same workers) freshness at
+    half that rate and the double-listing check's lag."""
+    opts = rig.opts
+    say(f"batched pipeline: {opts.workers} worker(s) x {rig.concurrency} threads, batch {rig.base.encoder.batch_size}")
+    batched = rig.phase("batched", 1)
+    rig.warmed(batched)
+    rss_start = batched.worker_rss_mb()
+    run = rig.timed(batched, "batched", progress)
+
+    say("measuring the ceiling again")
+    ceil_after = Ceiling.measure(enc, rig.pool.jpegs, rig.base.limits.max_image_pixels)
+
+    lat: list[float] = []
+    rate = 0.0
+    lag: dict[str, Any] = {}
+    if opts.fresh_seconds > 0:
+        rate = run.events_per_s / 2
+        say(f"freshness: {rate:.1f} events/s for {opts.fresh_seconds:.0f}s")
+        detection_lag(batched, samples=0, timeout=opts.drain_timeout_s)  # the full-speed run's checks done first
+        lat = freshness(batched, rig.pool, rate=rate, seconds=opts.fresh_seconds, progress=progress)
+        lag = detection_lag(batched, samples=len(lat), timeout=opts.drain_timeout_s)
+    rss_end = batched.worker_rss_mb()
+    batched.close()
+    return Batched(run, rss_start, rss_end, ceil_after, lat, rate, lag)
+
+
+def _on_torch(rig: Rig, enc: Encoder, progress: Progress | None, say: Callable[[str], None]) -> RunResult | None:
+    """The same batched pipeline on the torch runtime (when the bench runs onnxruntime)."""
+    if not (rig.opts.compare_torch and enc.runtime != "torch"):
+        return None
+    say("the same batched pipeline on the torch runtime")
+    on_torch = rig.phase("torch", 4, CARDIGAN_ENCODER__RUNTIME="torch")
+    rig.warmed(on_torch)
+    run = rig.timed(on_torch, "torch runtime", progress)
+    on_torch.close()
+    return run
+
+
+def _naive(rig: Rig, progress: Progress | None, say: Callable[[str], None]) -> RunResult | None:
+    """One image per forward pass, one Milvus write per event: what batching gains."""
+    if not rig.opts.naive:
+        return None
+    say("naive pipeline: one image per forward pass, one Milvus write per event")
+    naive = rig.phase("naive", 2, CARDIGAN_ENCODER__BATCH_SIZE="1", CARDIGAN_WORKER__WRITE_BATCH_SIZE="1")
+    rig.warmed(naive)
+    run = rig.timed(naive, "naive", progress)
+    naive.close()
+    return run
+
+
+def _soak(rig: Rig, progress: Progress | None, say: Callable[[str], None]) -> dict[str, Any]:
+    """Many events through one worker: does its memory grow?"""
+    opts = rig.opts
+    if not opts.soak:
+        return {}
+    say(f"soak: {opts.soak} events")
+    soaker = rig.phase("soak", 3)
+    soaker.start_workers(1, rig.concurrency, opts.ready_timeout_s)
+    out = soak(soaker, rig.pool, n=opts.soak, products=min(2000, opts.soak), progress=progress, timeout=opts.drain_timeout_s * 4)
+    soaker.close()
+    return out
+
+
+def _duplicates(rig: Rig, progress: Progress | None, say: Callable[[str], None]) -> dict[str, Any]:
+    if not rig.opts.duplicates:
+        return {}
+    say("double-listing detection: the same events with it off, then on")
+    return detection_cost(rig.phase, rig.warmed, rig.events, rig.images, rig.warm_rows + rig.images, rig.servers, rig.opts, progress)
+
+
+def _result(
+    rig: Rig, ceilings: Ceilings, b: Batched, torch_run: RunResult | None, naive_run: RunResult | None, sections: dict[str, Any]
+) -> BenchResult:
+    """Every number the run measured, rounded as printed."""
+    opts, base, enc, run, lat = rig.opts, rig.base, ceilings.enc, b.run, b.latencies
+    device = str(enc.device)
+    ceil = Ceiling.mean(ceilings.before, b.ceiling_after)
+    top = ceil.images_per_s(enc.device.type)
+    fwd, fwd_cpu, dec, dec_cpu, fwd_torch = ceil.forward, ceil.forward_cpu_ms, ceil.decode, ceil.decode_cpu_ms, ceilings.forward_torch
+    return BenchResult(
+        images_per_s=round(run.images_per_s, 1),
+        events_per_s=round(run.events_per_s, 1),
+        runtime=enc.runtime,
+        images_per_s_torch=round(torch_run.images_per_s, 1) if torch_run else None,
+        speedup_vs_torch=round(run.images_per_s / torch_run.images_per_s, 2) if torch_run else None,
+        naive_images_per_s=round(naive_run.images_per_s, 1) if naive_run else None,
+        speedup_vs_naive=round(run.images_per_s / naive_run.images_per_s, 2) if naive_run else None,
+        forward_only_images_per_s=round(fwd, 1),
+        forward_only_images_per_s_torch=round(fwd_torch, 1) if fwd_torch else None,
+        decode_only_images_per_s=round(dec, 1),
+        forward_only_torch_threads=ceil.forward_threads if device.startswith("cpu") else None,
+        ceiling_images_per_s_before=round(ceilings.before.images_per_s(enc.device.type), 1),
+        ceiling_images_per_s_after=round(b.ceiling_after.images_per_s(enc.device.type), 1),
+        ceiling_images_per_s=round(top, 1),
+        ratio_to_ceiling=round(run.images_per_s / top, 3) if top else None,
+        freshness_p50_ms=round(percentile(lat, 50), 1) if lat else None,
+        freshness_p99_ms=round(percentile(lat, 99), 1) if lat else None,
+        batch_size_mean=round(run.embed_items / run.embed_batches, 1) if run.embed_batches else None,
+        rss_mb_start=round(b.rss_start, 1) if b.rss_start else None,
+        rss_mb_end=round(b.rss_end, 1) if b.rss_end else None,
+        device=device,
+        model=opts.model,
+        image_size=opts.image_size,
+        events=opts.events,
+        images=rig.images,
+        seconds=round(run.seconds, 2),
+        naive_events_per_s=round(naive_run.events_per_s, 1) if naive_run else None,
+        naive_batch_size_mean=round(naive_run.embed_items / naive_run.embed_batches, 2) if naive_run and naive_run.embed_batches else None,
+        write_batch_mean=round(run.write_items / run.write_batches, 1) if run.write_batches else None,
+        model_busy_pct=round(100 * run.embed_busy_s / run.seconds / opts.workers, 1),
+        cpu_ms_per_image=round(run.cpu_ms_per_image(), 2),
+        cpu_ms_per_image_by_group={k: round(run.cpu_ms_per_image(k), 2) for k in sorted(run.cpu_s)},
+        worker_cpu_ms_per_image_by_stage=_per_image_by_stage(run, 2),
+        naive_cpu_ms_per_image=round(naive_run.cpu_ms_per_image(), 2) if naive_run else None,
+        naive_worker_cpu_ms_per_image_by_stage=_per_image_by_stage(naive_run, 2) if naive_run else None,
+        forward_only_cpu_ms_per_image=round(fwd_cpu, 2),
+        decode_only_cpu_ms_per_image=round(dec_cpu, 2),
+        cpu_ratio_to_ceiling=round((fwd_cpu + dec_cpu) / run.cpu_ms_per_image(), 3) if device.startswith("cpu") else None,
+        freshness_rate_events_per_s=round(b.rate, 1),
+        freshness_samples=len(lat),
+        workers=opts.workers,
+        concurrency=rig.concurrency,
+        batch_size=base.encoder.batch_size,
+        batch_wait_ms=base.encoder.batch_wait_ms,
+        fetch_threads=base.worker.fetch_threads,
+        prefetch_multiplier=base.worker.prefetch_multiplier,
+        torch_threads=opts.torch_threads or None,
+        s3=opts.s3,
+        cpu_count=os.cpu_count(),
+        load_avg_start=rig.load_start,
+        load_avg_end=_load_avg(),
+        sections=sections,
+    )
+
+
+def _per_image_by_stage(run: RunResult, digits: int) -> dict[str, float] | None:
+    """The workers' CPU ms per image for each stage (--profile), None without the profile."""
+    return {k: round(1000 * v / run.images, digits) for k, v in sorted(run.thread_cpu_s.items())} or None
+
+
+def run_bench(opts: BenchOptions, *, progress: Progress | None = None, say: Callable[[str], None] = lambda _m: None) -> BenchResult:
+    """Run every phase; ``as_dict()`` of the result is the flat object that ``--json`` prints."""
+    _check(opts)
     with contextlib.ExitStack() as cleanup:
-        root = opts.data_dir or Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="cardigan-bench-")))
-        log_dir = root / "logs"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        say(f"stack in {root}")
-        stack = Stack(root / "stack", s3=opts.s3)  # type: ignore[arg-type]
-        info = cleanup.enter_context(stack.running(timeout=120))
-        stack_env = info.env()
-        os.environ.update({k: v for k, v in stack_env.items() if k.startswith("AWS_")})  # boto3's chain, for the upload
-        base = _settings({**stack_env, **_worker_env(opts)})
-        concurrency = opts.concurrency or base.worker.concurrency
-        load_start = _load_avg()
-
-        say(f"rendering {min(opts.pool, opts.events)} products and storing their photos")
-        s3 = make_s3_client(base.s3_endpoint_url, base.s3_region) if opts.s3 != "folder" else None
-        folder = info.local_root if opts.s3 == "folder" else None
-        pool = make_pool(min(opts.pool, opts.events), seed=opts.seed, s3=s3, bucket=base.bucket, folder=folder)
-
-        say("measuring the ceiling: model alone, then decode alone")
-        from encoder import build_encoder
-
-        enc = build_encoder(base.encoder).load()
-        device = str(enc.device)
-        ceil_before = Ceiling.measure(enc, pool.jpegs, base.limits.max_image_pixels)
-        fwd_torch: float | None = None
-        if opts.compare_torch and enc.runtime != "torch":
-            say("the model alone on the torch runtime")
-            fwd_torch = forward_only(build_encoder(base.encoder.model_copy(update={"runtime": "torch"})).load())[0]
-        servers = {name: st["pid"] for name, st in stack.status().items() if st.get("pid")}
-
-        events = [pool.event(f"e-{i}", i) for i in range(opts.events)]
-        images = sum(pool.images_of(i) for i in range(opts.events))
-        warm = [pool.event(f"warm-{i}", i) for i in range(opts.warmup)]
-        warm_rows = sum(pool.images_of(i) for i in range(opts.warmup))
-
-        def phase(name: str, db: int, **extra: str) -> Phase:
-            env = {
-                **stack_env,
-                **_worker_env(opts, **extra),
-                "CARDIGAN_BROKER_URL": info.broker_url.rsplit("/", 1)[0] + f"/{db}",
-                "CARDIGAN_COLLECTION": f"bench_{name}",
-                "CARDIGAN_QUEUE": f"bench.{name}",
-                "CARDIGAN_BULK_QUEUE": f"bench.{name}.bulk",
-            }
-            ph = Phase(name, env, log_dir)
-            cleanup.callback(ph.close)
-            return ph
-
-        def warmed(ph: Phase) -> None:
-            ph.start_workers(opts.workers, concurrency, opts.ready_timeout_s, profile=opts.profile)
-            if warm:
-                run_through(
-                    ph, warm, warm_rows, expect_rows=warm_rows, progress=None, label=f"{ph.name} warm-up", timeout=opts.drain_timeout_s
-                )
-
-        out: dict[str, Any] = {}
-        say(f"batched pipeline: {opts.workers} worker(s) x {concurrency} threads, batch {base.encoder.batch_size}")
-        batched = phase("batched", 1)
-        warmed(batched)
-        rss_start = batched.worker_rss_mb()
-        run = run_through(
-            batched,
-            events,
-            images,
-            expect_rows=warm_rows + images,
-            progress=progress,
-            label="batched",
-            timeout=opts.drain_timeout_s,
-            servers=servers,
-        )
-
-        say("measuring the ceiling again")
-        ceil_after = Ceiling.measure(enc, pool.jpegs, base.limits.max_image_pixels)
-        ceil = Ceiling.mean(ceil_before, ceil_after)
-        top = ceil.images_per_s(enc.device.type)
-        fwd, fwd_cpu, dec, dec_cpu = ceil.forward, ceil.forward_cpu_ms, ceil.decode, ceil.decode_cpu_ms
-
-        lat: list[float] = []
-        rate = 0.0
-        if opts.fresh_seconds > 0:
-            rate = run.events_per_s / 2
-            say(f"freshness: {rate:.1f} events/s for {opts.fresh_seconds:.0f}s")
-            detection_lag(batched, samples=0, timeout=opts.drain_timeout_s)  # the full-speed run's checks done first
-            lat = freshness(batched, pool, rate=rate, seconds=opts.fresh_seconds, progress=progress)
-            out.update(detection_lag(batched, samples=len(lat), timeout=opts.drain_timeout_s))
-        rss_end = batched.worker_rss_mb()
-        batched.close()
-
-        torch_run: RunResult | None = None
-        if opts.compare_torch and enc.runtime != "torch":
-            say("the same batched pipeline on the torch runtime")
-            on_torch = phase("torch", 4, CARDIGAN_ENCODER__RUNTIME="torch")
-            warmed(on_torch)
-            torch_run = run_through(
-                on_torch,
-                events,
-                images,
-                expect_rows=warm_rows + images,
-                progress=progress,
-                label="torch runtime",
-                timeout=opts.drain_timeout_s,
-                servers=servers,
-            )
-            on_torch.close()
-
-        naive_run: RunResult | None = None
-        if opts.naive:
-            say("naive pipeline: one image per forward pass, one Milvus write per event")
-            naive = phase("naive", 2, CARDIGAN_ENCODER__BATCH_SIZE="1", CARDIGAN_WORKER__WRITE_BATCH_SIZE="1")
-            warmed(naive)
-            naive_run = run_through(
-                naive,
-                events,
-                images,
-                expect_rows=warm_rows + images,
-                progress=progress,
-                label="naive",
-                timeout=opts.drain_timeout_s,
-                servers=servers,
-            )
-            naive.close()
-
-        if opts.duplicates:
-            say("double-listing detection: the same events with it off, then on")
-            out.update(detection_cost(phase, warmed, events, images, warm_rows + images, servers, opts, progress))
-
-        if opts.soak:
-            say(f"soak: {opts.soak} events")
-            soaker = phase("soak", 3)
-            soaker.start_workers(1, concurrency, opts.ready_timeout_s)
-            out.update(soak(soaker, pool, n=opts.soak, products=min(2000, opts.soak), progress=progress, timeout=opts.drain_timeout_s * 4))
-            soaker.close()
-
-        out = {
-            "images_per_s": round(run.images_per_s, 1),
-            "events_per_s": round(run.events_per_s, 1),
-            "runtime": enc.runtime,  # what ran the forward pass measured as images_per_s
-            "images_per_s_torch": round(torch_run.images_per_s, 1) if torch_run else None,
-            "speedup_vs_torch": round(run.images_per_s / torch_run.images_per_s, 2) if torch_run else None,
-            "naive_images_per_s": round(naive_run.images_per_s, 1) if naive_run else None,
-            "speedup_vs_naive": round(run.images_per_s / naive_run.images_per_s, 2) if naive_run else None,
-            "forward_only_images_per_s": round(fwd, 1),
-            "forward_only_images_per_s_torch": round(fwd_torch, 1) if fwd_torch else None,
-            "decode_only_images_per_s": round(dec, 1),
-            "forward_only_torch_threads": ceil.forward_threads if device.startswith("cpu") else None,
-            "ceiling_images_per_s_before": round(ceil_before.images_per_s(enc.device.type), 1),
-            "ceiling_images_per_s_after": round(ceil_after.images_per_s(enc.device.type), 1),
-            "ceiling_images_per_s": round(top, 1),
-            "ratio_to_ceiling": round(run.images_per_s / top, 3) if top else None,
-            "freshness_p50_ms": round(percentile(lat, 50), 1) if lat else None,
-            "freshness_p99_ms": round(percentile(lat, 99), 1) if lat else None,
-            "batch_size_mean": round(run.embed_items / run.embed_batches, 1) if run.embed_batches else None,
-            "rss_mb_start": round(rss_start, 1) if rss_start else None,
-            "rss_mb_end": round(rss_end, 1) if rss_end else None,
-            "device": device,
-            "model": opts.model,
-            "image_size": opts.image_size,
-            # context: what was run, and how busy the machine was
-            "events": opts.events,
-            "images": images,
-            "seconds": round(run.seconds, 2),
-            "naive_events_per_s": round(naive_run.events_per_s, 1) if naive_run else None,
-            "naive_batch_size_mean": round(naive_run.embed_items / naive_run.embed_batches, 2)
-            if naive_run and naive_run.embed_batches
-            else None,
-            "write_batch_mean": round(run.write_items / run.write_batches, 1) if run.write_batches else None,
-            "model_busy_pct": round(100 * run.embed_busy_s / run.seconds / opts.workers, 1),
-            # CPU cost per image: independent of what else the machine runs
-            "cpu_ms_per_image": round(run.cpu_ms_per_image(), 2),
-            **{f"cpu_ms_per_image_{k}": round(run.cpu_ms_per_image(k), 2) for k in sorted(run.cpu_s)},
-            "worker_cpu_ms_per_image_by_stage": {k: round(1000 * v / run.images, 2) for k, v in sorted(run.thread_cpu_s.items())} or None,
-            "naive_cpu_ms_per_image": round(naive_run.cpu_ms_per_image(), 2) if naive_run else None,
-            "naive_worker_cpu_ms_per_image_by_stage": (
-                {k: round(1000 * v / naive_run.images, 2) for k, v in sorted(naive_run.thread_cpu_s.items())} or None if naive_run else None
-            ),
-            "forward_only_cpu_ms_per_image": round(fwd_cpu, 2),
-            "decode_only_cpu_ms_per_image": round(dec_cpu, 2),
-            "cpu_ratio_to_ceiling": round((fwd_cpu + dec_cpu) / run.cpu_ms_per_image(), 3) if device.startswith("cpu") else None,
-            "freshness_rate_events_per_s": round(rate, 1),
-            "freshness_samples": len(lat),
-            "workers": opts.workers,
-            "concurrency": concurrency,
-            "batch_size": base.encoder.batch_size,
-            "batch_wait_ms": base.encoder.batch_wait_ms,
-            "fetch_threads": base.worker.fetch_threads,
-            "prefetch_multiplier": base.worker.prefetch_multiplier,
-            "torch_threads": opts.torch_threads or None,
-            "s3": opts.s3,
-            "cpu_count": os.cpu_count(),
-            "load_avg_start": load_start,
-            "load_avg_end": _load_avg(),
-            **out,
-        }
-        return out
+        rig = _rig(opts, cleanup, say)
+        ceilings = _ceilings(rig, say)
+        _add_events(rig)
+        batched = _batched(rig, ceilings.enc, progress, say)
+        torch_run = _on_torch(rig, ceilings.enc, progress, say)
+        naive_run = _naive(rig, progress, say)
+        sections = {**batched.lag, **_duplicates(rig, progress, say), **_soak(rig, progress, say)}
+        return _result(rig, ceilings, batched, torch_run, naive_run, sections)
 
 
 # --------------------------------------------------------------------------- the CLI

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -34,6 +33,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from cardigan.errors import CardiganError
+from cardigan.poll import poll
+from cardigan.procstat import percentile, proc_stat
 from config.settings import Settings, redact_url, settings_from_env
 from devkit.stack import Stack, StackInfo, log_tail
 
@@ -155,21 +156,10 @@ def settings_for(env: Mapping[str, str]) -> Settings:
     return settings_from_env(env)
 
 
-def percentile(values: list[int], p: float) -> float:
-    """Nearest-rank percentile (no interpolation: every reported value was measured)."""
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return float(s[max(0, math.ceil(p / 100 * len(s)) - 1)])
-
-
 def _proc_start_ticks(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    """The start time that, with the pid, names one process; None once it is gone or a zombie."""
+    st = proc_stat(pid)
+    return None if st is None or st.gone else st.start_ticks
 
 
 # --------------------------------------------------------------------------- workers
@@ -214,12 +204,7 @@ class WorkerProc:
                 return True
             except subprocess.TimeoutExpired:
                 return False
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                return True
-            time.sleep(0.1)
-        return False
+        return poll(lambda: not self.alive(), timeout, 0.1)
 
 
 def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Path, *, concurrency: int, threads: int) -> WorkerProc:
@@ -243,19 +228,20 @@ def start_worker(i: int, settings: Settings, env: Mapping[str, str], log_dir: Pa
 
 def wait_ready(workers: list[WorkerProc], timeout: float) -> None:
     """Until every worker logged ``ready.`` (its model is loaded by then); fail fast on a death."""
-    deadline = time.monotonic() + timeout
     pending = list(workers)
-    while pending:
+
+    def all_ready() -> bool:
         for w in list(pending):
             text = w.log_text()
             if f"{w.name}@" in text and " ready." in text:
                 pending.remove(w)
             elif not w.alive():
                 raise DemoError(f"worker {w.name} exited while starting; log {w.log}:\n{log_tail(w.log, 30)}")
-        if pending and time.monotonic() > deadline:
-            w = pending[0]
-            raise DemoError(f"worker {w.name} not ready after {timeout:.0f}s; log {w.log}:\n{log_tail(w.log, 30)}")
-        time.sleep(0.2)
+        return not pending
+
+    if not poll(all_ready, timeout, 0.2):
+        w = pending[0]
+        raise DemoError(f"worker {w.name} not ready after {timeout:.0f}s; log {w.log}:\n{log_tail(w.log, 30)}")
 
 
 # --------------------------------------------------------------------------- what a --keep run left
@@ -360,20 +346,87 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
-    """The demo; see the module docstring. Stops what it started unless ``opts.keep``."""
-    console = console or Console()
+class _Clock:
+    """Phase timings: each ``lap`` records the seconds since the previous one (or ``restart``)."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.t = time.perf_counter()
+
+    def restart(self) -> None:
+        self.t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self.t, 2)
+        self.t = now
+
+
+@dataclass
+class _Run:
+    """What every phase of one demo run shares, and what it must stop at the end."""
+
+    opts: DemoOptions
+    console: Console
+    out: Path
+    data_dir: Path
+    stack: Stack
+    running_before: set[str]  # services up before this run: not ours to stop
+    owned_before: set[str]  # services a --keep run of ours left: ours to stop
+    clock: _Clock
+    t_start: float
+    timings: dict[str, float] = field(default_factory=dict)
+    workers: list[WorkerProc] = field(default_factory=list)
+    started_services: list[str] = field(default_factory=list)
+    stopped_services: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Up:
+    """The running stack, the workers' env and the settings they build from it."""
+
+    info: StackInfo
+    env: dict[str, str]
+    settings: Settings
+
+
+@dataclass
+class _Catalog:
+    products: list[Any]
+    scenario: Any  # devkit.catalog.Scenario: the events and the state they imply
+    s3: Any
+    events: list[dict[str, Any]]
+    n_images: int
+
+
+@dataclass
+class _Drained:
+    published_s: float  # first publish → last publish
+    elapsed_s: float  # first publish → drained
+
+
+@dataclass
+class _Verified:
+    report: VerifyReport
+    dead: list[str]
+    latency: dict[str, float | int]
+
+
+@dataclass
+class _Queried:
+    rows: list[Any]
+    hit1: float | None
+    hitk: float | None
+    scored: int
+    random_weights: bool
+
+
+def _begin(opts: DemoOptions, console: Console) -> _Run:
+    """Stop what a --keep run left, and note which services were up before this run."""
     out = Path(opts.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     data_dir = Path(opts.data_dir or out / "stack").absolute()
-    timings: dict[str, float] = {}
     t_start = time.perf_counter()
-
-    def phase(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 2)
-        return now
-
     # Workers a --keep run left would hold stale state (their collection is about to go).
     kept = _load_kept(out)
     for w in _kept_workers(kept):
@@ -384,78 +437,100 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
     # (the recording would grow by every run's photos and be replayed at each start).
     stack = Stack(data_dir, s3_persist=opts.data_dir is not None)
     running_before = {name for name, s in stack.status().items() if s["running"]}
-    workers: list[WorkerProc] = []
-    started_services: list[str] = []
-    result: DemoResult | None = None
+    timings: dict[str, float] = {}
+    return _Run(opts, console, out, data_dir, stack, running_before, owned_before, _Clock(timings), t_start, timings)
+
+
+def _stack_up(run: _Run) -> _Up:
+    """The stack up, the demo's namespace emptied, the workers' env and settings."""
+    opts, console = run.opts, run.console
+    run.clock.restart()
+    with console.status("starting the stack (Valkey, Milvus Lite, moto S3)…"):
+        info = run.stack.up(timeout=120)
+    run.started_services = [s for s in run.stack.services if s not in run.running_before or s in run.owned_before]
+    run.clock.lap("stack_up")
+    env = demo_env(info, opts.image_size)
+    env.update(demo_encoder_env(opts, os.environ))
+    settings = settings_for(env)
+    _reset_namespace(settings)
+    console.print(
+        f"stack: {run.data_dir} (redis db {DEMO_DB}, milvus {redact_url(settings.milvus_uri)} alias {DEMO_ALIAS!r}, "
+        f"s3 {info.s3_endpoint_url}) — {'reused' if run.running_before else 'started'} in {run.timings['stack_up']:.1f}s"
+    )
+    return _Up(info, env, settings)
+
+
+def _maybe_train(run: _Run, up: _Up) -> dict[str, Any] | None:
+    """Fine-tune the encoder first when asked (or when its weights are not a checkpoint); the
+    workers' env and settings then name the checkpoint. Returns the training report."""
+    opts = run.opts
+    want_training = _trainable(up.settings.encoder.weights) if opts.train is None else opts.train
+    if not want_training:
+        return None
+    run.clock.restart()
+    up.env["CARDIGAN_ENCODER__WEIGHTS"], training = _train_encoder(opts, up.settings, run.out, run.console)
+    up.settings = settings_for(up.env)
+    run.clock.lap("train")
+    return training
+
+
+def _start_workers(run: _Run, up: _Up) -> tuple[int, int]:
+    """Start the workers (they load torch and the model while the catalog renders): (concurrency, torch threads)."""
+    opts = run.opts
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, opts.workers))
+    concurrency = opts.concurrency or up.settings.worker.concurrency
+    for i in range(opts.workers):
+        run.workers.append(start_worker(i, up.settings, up.env, run.out / "logs", concurrency=concurrency, threads=threads))
+    return concurrency, threads
+
+
+def _catalog(run: _Run, up: _Up) -> _Catalog:
+    """Render the synthetic catalog and its events, upload the photos."""
+    from devkit.catalog import build_scenario, generate_catalog, upload
+
+    opts, console, settings = run.opts, run.console, up.settings
+    with console.status(f"rendering {opts.products} synthetic products…"):
+        products = generate_catalog(opts.products, seed=opts.seed, prefix="demo", workers=os.cpu_count() or 1)
+        scenario = build_scenario(products, settings.bucket, seed=opts.seed, prefix=KEY_PREFIX)
+    run.clock.lap("catalog")
+    s3 = _s3_client(up.info)
+    with console.status("uploading photos to S3…"):
+        n_objects = upload([*products, *scenario.uploads], s3, settings.bucket, prefix=KEY_PREFIX)
+    run.clock.lap("upload")
+    events = scenario.events
+    n_images = sum(len(e.get("images", [])) for e in events)
+    console.print(
+        f"catalog: {len(products)} products, {n_objects} photos uploaded in {run.timings['catalog'] + run.timings['upload']:.1f}s; "
+        f"{len(events)} events ({sum(e['type'] == 'add' for e in events)} add, {sum(e['type'] == 'modify' for e in events)} modify, "
+        f"{sum(e['type'] == 'delete' for e in events)} delete; {scenario.duplicates} duplicated, {scenario.stale} stale replays)"
+    )
+    return _Catalog(products, scenario, s3, events, n_images)
+
+
+def _workers_ready(run: _Run, up: _Up, model_version: str, concurrency: int, threads: int) -> None:
+    opts = run.opts
+    with run.console.status(f"waiting for {opts.workers} worker(s) to load the model…"):
+        wait_ready(run.workers, opts.ready_timeout_s)
+    run.clock.lap("workers_ready")
+    run.console.print(
+        f"workers: {opts.workers} × {concurrency} threads, {threads} torch thread(s) each, "
+        f"model {model_version} (image size {up.settings.encoder.image_size})"
+    )
+
+
+def _publish_and_drain(run: _Run, settings: Settings, events: list[dict[str, Any]]) -> _Drained:
+    """Publish the adds first, then the wave of changes (with duplicates and stale replays),
+    and wait until the queues are empty and nothing is unacked."""
+    from cardigan.ops.publish import Publisher
+    from cardigan.store.guard import make_redis
+
+    opts, workers = run.opts, run.workers
+    n_adds = next((i for i, e in enumerate(events) if not (e["type"] == "add" and e["version"] == 1)), len(events))
+    pub = Publisher(settings)
+    r = make_redis(settings.effective_state_url)
     try:
-        t = time.perf_counter()
-        with console.status("starting the stack (Valkey, Milvus Lite, moto S3)…"):
-            info = stack.up(timeout=120)
-        started_services = [s for s in stack.services if s not in running_before or s in owned_before]
-        t = phase("stack_up", t)
-        env = demo_env(info, opts.image_size)
-        env.update(demo_encoder_env(opts, os.environ))
-        settings = settings_for(env)
-        _reset_namespace(settings)
-        console.print(
-            f"stack: {data_dir} (redis db {DEMO_DB}, milvus {redact_url(settings.milvus_uri)} alias {DEMO_ALIAS!r}, "
-            f"s3 {info.s3_endpoint_url}) — {'reused' if running_before else 'started'} in {timings['stack_up']:.1f}s"
-        )
-
-        training: dict[str, Any] | None = None
-        start_encoder = settings.encoder  # what training starts from: eval's "before" row
-        want_training = _trainable(settings.encoder.weights) if opts.train is None else opts.train
-        if want_training:
-            t = time.perf_counter()
-            env["CARDIGAN_ENCODER__WEIGHTS"], training = _train_encoder(opts, settings, out, console)
-            settings = settings_for(env)
-            t = phase("train", t)
-
-        from encoder import model_version_for
-
-        model_version = model_version_for(settings.encoder)  # checks the encoder settings before workers start
-
-        # workers load torch and the model while the catalog renders
-        cores = os.cpu_count() or 1
-        threads = max(1, cores // max(1, opts.workers))
-        concurrency = opts.concurrency or settings.worker.concurrency
-        for i in range(opts.workers):
-            workers.append(start_worker(i, settings, env, out / "logs", concurrency=concurrency, threads=threads))
-
-        from devkit.catalog import build_scenario, generate_catalog, upload
-
-        with console.status(f"rendering {opts.products} synthetic products…"):
-            products = generate_catalog(opts.products, seed=opts.seed, prefix="demo", workers=cores)
-            scenario = build_scenario(products, settings.bucket, seed=opts.seed, prefix=KEY_PREFIX)
-        t = phase("catalog", t)
-        s3 = _s3_client(info)
-        with console.status("uploading photos to S3…"):
-            n_objects = upload([*products, *scenario.uploads], s3, settings.bucket, prefix=KEY_PREFIX)
-        t = phase("upload", t)
-        events = scenario.events
-        n_images = sum(len(e.get("images", [])) for e in events)
-        console.print(
-            f"catalog: {len(products)} products, {n_objects} photos uploaded in {timings['catalog'] + timings['upload']:.1f}s; "
-            f"{len(events)} events ({sum(e['type'] == 'add' for e in events)} add, {sum(e['type'] == 'modify' for e in events)} modify, "
-            f"{sum(e['type'] == 'delete' for e in events)} delete; {scenario.duplicates} duplicated, {scenario.stale} stale replays)"
-        )
-
-        with console.status(f"waiting for {opts.workers} worker(s) to load the model…"):
-            wait_ready(workers, opts.ready_timeout_s)
-        t = phase("workers_ready", t)
-        console.print(
-            f"workers: {opts.workers} × {concurrency} threads, {threads} torch thread(s) each, "
-            f"model {model_version} (image size {settings.encoder.image_size})"
-        )
-
-        # publish: the adds first, then the wave of changes (with duplicates and stale replays)
-        from cardigan.ops.publish import Publisher
-        from cardigan.store.guard import make_redis
-
-        n_adds = next((i for i, e in enumerate(events) if not (e["type"] == "add" and e["version"] == 1)), len(events))
-        pub = Publisher(settings)
-        r = make_redis(settings.effective_state_url)
-        with _progress(console) as prog:
+        with _progress(run.console) as prog:
             adds = prog.add_task("publish adds", total=n_adds)
             wave = prog.add_task("publish changes", total=len(events) - n_adds)
             indexed = prog.add_task("indexed (drained)", total=len(events))
@@ -467,115 +542,177 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
                     if i % 25 == 0:
                         prog.update(indexed, completed=i + 1 - min(i + 1, _pending(r, settings)))
             t_published = time.perf_counter()
-            deadline = time.monotonic() + opts.drain_timeout_s
-            quiet = 0
-            while quiet < 2:  # twice in a row: a message is briefly in neither list nor unacked
+            quiet = pending = 0
+
+            def drained() -> bool:
+                nonlocal quiet, pending
                 pending = _pending(r, settings)
                 prog.update(indexed, completed=len(events) - min(len(events), pending))
-                quiet = quiet + 1 if pending == 0 else 0
+                quiet = quiet + 1 if pending == 0 else 0  # twice in a row: a message is briefly in neither list nor unacked
                 if not any(w.alive() for w in workers):
                     w = workers[0]
                     raise DemoError(f"every worker died; log {w.log}:\n{log_tail(w.log, 30)}")
-                if time.monotonic() > deadline:
-                    raise DemoError(f"{pending} events still pending after {opts.drain_timeout_s:.0f}s; worker logs in {out / 'logs'}")
-                if quiet < 2:
-                    time.sleep(0.1)
+                return quiet >= 2
+
+            if not poll(drained, opts.drain_timeout_s, 0.1):
+                raise DemoError(f"{pending} events still pending after {opts.drain_timeout_s:.0f}s; worker logs in {run.out / 'logs'}")
             t_drained = time.perf_counter()
-        elapsed = t_drained - t_pub
-        timings["publish"] = round(t_published - t_pub, 2)
-        timings["publish_to_drained"] = round(elapsed, 2)
-
-        # verify: the index must equal the state the events imply
-        from cardigan.ops.verify import Expected, verify_index
-        from cardigan.store.deadletter import DeadLetters
-        from cardigan.store.index import Index
-
-        expected: ExpectedState = {
-            pid: None if e is None else Expected(e.version, e.n_images, model_version) for pid, e in scenario.expected.items()
-        }
-        if opts.tamper is not None:
-            opts.tamper(expected)
-        index = Index(settings.milvus_uri, alias=settings.collection)
-        t = time.perf_counter()
-        report = verify_index(index, expected, max_images=settings.limits.max_images)
-        verify_deadline = time.monotonic() + opts.verify_timeout_s
-        while not report.ok and time.monotonic() < verify_deadline:  # a write can trail the ack bookkeeping
-            time.sleep(0.5)
-            report = verify_index(index, expected, max_images=settings.limits.max_images)
-        t = phase("verify", t)
-        dead = [f"{d.product_id}: {d.kind}: {d.reason}" for d in DeadLetters(r).list(100)]
-        from cardigan.keys import FRESHNESS_KEY
-
-        lat = [int(x) for x in r.lrange(FRESHNESS_KEY, 0, -1)]  # type: ignore[union-attr]
-        latency: dict[str, float | int] = {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "n": len(lat)}
+    finally:
         r.close()
+    elapsed = t_drained - t_pub
+    run.timings["publish"] = round(t_published - t_pub, 2)
+    run.timings["publish_to_drained"] = round(elapsed, 2)
+    return _Drained(t_published - t_pub, elapsed)
 
-        # similarity: street photos of live products, searched like a shopper would
-        rows, (hit1, hitk, scored), random_weights = _queries(opts, settings, index, scenario, s3, console)
+
+def _verify(run: _Run, settings: Settings, scenario: Any, model_version: str) -> _Verified:
+    """The index must equal the state the events imply; the dead letters and the freshness."""
+    from cardigan.keys import FRESHNESS_KEY
+    from cardigan.ops.verify import Expected, verify_index
+    from cardigan.store.deadletter import DeadLetters
+    from cardigan.store.guard import make_redis
+    from cardigan.store.index import Index
+
+    opts = run.opts
+    expected: ExpectedState = {
+        pid: None if e is None else Expected(e.version, e.n_images, model_version) for pid, e in scenario.expected.items()
+    }
+    if opts.tamper is not None:
+        opts.tamper(expected)
+    index = Index(settings.milvus_uri, alias=settings.collection)
+    run.clock.restart()
+    report: VerifyReport | None = None
+
+    def verified() -> bool:
+        nonlocal report
+        report = verify_index(index, expected, max_images=settings.limits.max_images)
+        return report.ok
+
+    try:
+        poll(verified, opts.verify_timeout_s, 0.5)  # a write can trail the ack bookkeeping
+    finally:
         index.close()
-        t = phase("queries", t)
-        _duplicates_report(settings, products, scenario, s3, console, timeout=opts.drain_timeout_s)
-        from devkit.report import contact_sheet, html_report, results_table
+    assert report is not None
+    run.clock.lap("verify")
+    r = make_redis(settings.effective_state_url)
+    try:
+        dead = [f"{d.product_id}: {d.kind}: {d.reason}" for d in DeadLetters(r).list(100)]
+        lat = [int(x) for x in r.lrange(FRESHNESS_KEY, 0, -1)]  # type: ignore[union-attr]
+    finally:
+        r.close()
+    return _Verified(report, dead, {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "n": len(lat)})
 
-        title = f"Cardigan demo: {len(products)} products, {len(events)} events, model {model_version}"
-        console.print(results_table(rows, title="similarity: street photo → catalog (green: the right product)"))
-        png = contact_sheet(rows, out / "contact_sheet.png")
-        html = html_report(rows, out / "results.html", title=title)
-        t = phase("report", t)
+
+def _search(run: _Run, settings: Settings, cat: _Catalog) -> _Queried:
+    """Street photos of live products, searched like a shopper would; then the double listings."""
+    from cardigan.store.index import Index
+
+    index = Index(settings.milvus_uri, alias=settings.collection)
+    try:
+        rows, (hit1, hitk, scored), random_weights = _queries(run.opts, settings, index, cat.scenario, cat.s3, run.console)
+    finally:
+        index.close()
+    run.clock.lap("queries")
+    return _Queried(rows, hit1, hitk, scored, random_weights)
+
+
+def _report(run: _Run, cat: _Catalog, q: _Queried, model_version: str) -> tuple[Path, Path]:
+    """The similarity table, the contact sheet and the HTML report: (png, html)."""
+    from devkit.report import contact_sheet, html_report, results_table
+
+    title = f"Cardigan demo: {len(cat.products)} products, {len(cat.events)} events, model {model_version}"
+    run.console.print(results_table(q.rows, title="similarity: street photo → catalog (green: the right product)"))
+    png = contact_sheet(q.rows, run.out / "contact_sheet.png")
+    html = html_report(q.rows, run.out / "results.html", title=title)
+    run.clock.lap("report")
+    return png, html
+
+
+def _finish(run: _Run) -> None:
+    """Stop the workers and the services this run started (from the pid files: an up that
+    failed half way leaves servers too); what was up before stays up."""
+    for w in run.workers:
+        w.stop()
+    stopped: list[str] = []
+    running_now = [n for n, st in run.stack.status().items() if st["running"]]
+    mine = [n for n in running_now if n not in run.running_before or n in run.owned_before]
+    for name in reversed(mine):
+        with contextlib.suppress(CardiganError):
+            if run.stack.stop_service(name):
+                stopped.append(name)
+    _run_file(run.out).unlink(missing_ok=True)
+    run.stopped_services = stopped
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoResult:
+    """The demo; see the module docstring. Stops what it started unless ``opts.keep``."""
+    from encoder import model_version_for
+
+    run = _begin(opts, console or Console())
+    result: DemoResult | None = None
+    try:
+        up = _stack_up(run)
+        start_encoder = up.settings.encoder  # what training starts from: eval's "before" row
+        training = _maybe_train(run, up)
+        model_version = model_version_for(up.settings.encoder)  # checks the encoder settings before workers start
+        concurrency, threads = _start_workers(run, up)
+        cat = _catalog(run, up)
+        _workers_ready(run, up, model_version, concurrency, threads)
+        drained = _publish_and_drain(run, up.settings, cat.events)
+        verified = _verify(run, up.settings, cat.scenario, model_version)
+        queried = _search(run, up.settings, cat)
+        _duplicates_report(up.settings, cat.products, cat.scenario, cat.s3, run.console, timeout=opts.drain_timeout_s)
+        png, html = _report(run, cat, queried, model_version)
         evaluation = None
         if opts.evaluate:
-            evaluation = evaluate_encoders(opts, start_encoder, settings, trained=training is not None, console=console)
-            phase("eval", t)
-        timings["total"] = round(time.perf_counter() - t_start, 2)
-
-        ok = report.ok and not dead
-        result = DemoResult(
-            ok=ok,
-            verify=report,
-            products=len(products),
-            events=len(events),
-            images=n_images,
-            dead_letters=dead,
-            elapsed_s=elapsed,
-            events_per_s=len(events) / elapsed,
-            images_per_s=n_images / elapsed,
-            latency_ms=latency,
-            hit_at_1=hit1,
-            hit_at_k=hitk,
-            queries_scored=scored,
-            top_k=opts.top_k,
-            image_size=settings.encoder.image_size,
-            model_version=model_version,
-            random_weights=random_weights,
-            timings=timings,
-            out=out,
-            html=html,
-            png=png,
-            worker_pids=[w.pid for w in workers],
-            training=training,
-            evaluation=evaluation,
-        )
+            evaluation = evaluate_encoders(opts, start_encoder, up.settings, trained=training is not None, console=run.console)
+            run.clock.lap("eval")
+        run.timings["total"] = round(time.perf_counter() - run.t_start, 2)
+        result = _result(run, up, cat, drained, verified, queried, model_version, training, evaluation, png, html)
         if opts.keep:
-            result.kept_env = env
-            _save_kept(out, data_dir, workers, started_services)
-            write_env_file(out / "demo.env", env, data_dir)
-        result.summary_json = _write_summary(result, out / "summary.json")
+            result.kept_env = up.env
+            _save_kept(run.out, run.data_dir, run.workers, run.started_services)
+            write_env_file(run.out / "demo.env", up.env, run.data_dir)
+        result.summary_json = _write_summary(result, run.out / "summary.json")
         return result
     finally:
         if not (opts.keep and result is not None):
-            for w in workers:
-                w.stop()
-            stopped = []
-            # from the pid files, not from up's return: an up that failed half way leaves servers too
-            running_now = [n for n, st in stack.status().items() if st["running"]]
-            mine = [n for n in running_now if n not in running_before or n in owned_before]
-            for name in reversed(mine):
-                with contextlib.suppress(CardiganError):
-                    if stack.stop_service(name):
-                        stopped.append(name)
-            _run_file(out).unlink(missing_ok=True)
+            _finish(run)
             if result is not None:
-                result.stopped_services = stopped
+                result.stopped_services = run.stopped_services
+
+
+def _result(
+    run: _Run, up: _Up, cat: _Catalog, drained: _Drained, verified: _Verified, q: _Queried, model_version: str,
+    training: dict[str, Any] | None, evaluation: list[dict[str, Any]] | None, png: Path, html: Path,
+) -> DemoResult:  # fmt: skip
+    elapsed = drained.elapsed_s
+    return DemoResult(
+        ok=verified.report.ok and not verified.dead,
+        verify=verified.report,
+        products=len(cat.products),
+        events=len(cat.events),
+        images=cat.n_images,
+        dead_letters=verified.dead,
+        elapsed_s=elapsed,
+        events_per_s=len(cat.events) / elapsed,
+        images_per_s=cat.n_images / elapsed,
+        latency_ms=verified.latency,
+        hit_at_1=q.hit1,
+        hit_at_k=q.hitk,
+        queries_scored=q.scored,
+        top_k=run.opts.top_k,
+        image_size=up.settings.encoder.image_size,
+        model_version=model_version,
+        random_weights=q.random_weights,
+        timings=run.timings,
+        out=run.out,
+        html=html,
+        png=png,
+        worker_pids=[w.pid for w in run.workers],
+        training=training,
+        evaluation=evaluation,
+    )
 
 
 def _duplicates_report(settings: Settings, products: list[Any], scenario: Any, s3: Any, console: Console, *, timeout: float) -> dict[str, Any]:
@@ -596,12 +733,15 @@ def _duplicates_report(settings: Settings, products: list[Any], scenario: Any, s
         pub.publish({"type": "add", "product_id": p.product_id, "version": 1, "images": imgs, "attributes": {"category": p.category}})
     r = make_redis(settings.effective_state_url)
     store = PairStore(r, settings.collection)
-    deadline = time.monotonic() + timeout
+    quiet = 0
+
+    def settled() -> bool:  # three quiet looks in a row: a written product reaches the pending set ms after its ack
+        nonlocal quiet
+        quiet = quiet + 1 if not (_pending(r, settings) or store.pending()) else 0
+        return quiet >= 3
+
     with console.status(f"double listings: {len(planted.products)} planted listings indexed and checked…"):
-        quiet = 0
-        while quiet < 3 and time.monotonic() < deadline:  # a written product reaches the pending set ms after its ack
-            quiet = quiet + 1 if not (_pending(r, settings) or store.pending()) else 0
-            time.sleep(0.2)
+        poll(settled, timeout, 0.2)  # on time out, report what was found so far
     found = {frozenset((p.a, p.b)) for p in store.all_pairs()}
     r.close()
     tp, pos = len(found & set(planted.positives)), len(planted.positives)

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads=1, runtime="torch", compare_torch=False, warmup=50 * args.workers, fresh_seconds=5.0, naive=True,
         ready_timeout_s=240, drain_timeout_s=240,
     )  # fmt: skip
-    bench = run_bench(opts, say=lambda m: print(f"  {m}", flush=True))
+    bench = run_bench(opts, say=lambda m: print(f"  {m}", flush=True)).as_dict()
     fwd = max(res["forward_only_pixels_images_per_s"], bench["forward_only_images_per_s"] or 0.0)
     res.update(
         {

@@ -65,7 +65,7 @@ def _stages(base: str) -> dict[str, float]:
 
 def closed_loop(client: Client, clients: int, seconds: float, warmup: float) -> dict[str, Any]:
     """``clients`` threads, each sending its next query when the last one answered."""
-    from devkit.bench import percentile
+    from cardigan.procstat import percentile
 
     stop = threading.Event()
     lat: list[float] = []
@@ -105,7 +105,7 @@ def closed_loop(client: Client, clients: int, seconds: float, warmup: float) -> 
 
 def paced(client: Client, rate: float, seconds: float) -> dict[str, Any]:
     """Open loop at a fixed rate: latency from when a query was due, so queueing counts."""
-    from devkit.bench import percentile
+    from cardigan.procstat import percentile
 
     n = max(1, int(rate * seconds))
     lat: list[float] = []
@@ -135,8 +135,9 @@ def run(
     *, products: int, levels: list[int], seconds: float, image_size: int, model: str, k: int, out: Path | None, say: Any
 ) -> dict[str, Any]:
     from cardigan.imaging.fetch import make_s3_client
+    from cardigan.procstat import cpu_s
     from config.settings import patched_env, settings_from_env
-    from devkit.bench import cpu_s, forward_only
+    from devkit.bench import forward_only
     from devkit.catalog import _event, generate_catalog, image_uri, object_key, query_photo, upload
     from devkit.stack import Stack
     from encoder import build_encoder

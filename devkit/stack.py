@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cardigan.errors import CardiganError
+from cardigan.poll import poll
 from cardigan.procstat import proc_stat
 
 HOST = "127.0.0.1"
@@ -181,24 +182,23 @@ def wait_for(
     Fails fast if ``alive`` says the process died, and names the service and its log (with its
     tail) in the error, because "timed out" alone sends people hunting.
     """
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    last: str = "not ready"
-    while True:
+    last = "not ready"
+    died = False
+
+    def probe() -> bool:
+        nonlocal last, died
         try:
             if fn():
-                return
+                return True
         except Exception as exc:  # noqa: BLE001 - any failure of a probe means "not yet"
             detail = (str(exc).strip().splitlines() or [""])[0][:200]
             last = f"{type(exc).__name__}: {detail}"
-        if alive is not None and not alive():
-            reason = f"{what} exited while starting (last probe: {last})"
-            break
-        if time.monotonic() >= deadline:
-            reason = f"{what} not ready after {timeout:.0f}s (last probe: {last})"
-            break
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.5)
+        died = alive is not None and not alive()
+        return died
+
+    if poll(probe, timeout, 0.05, backoff=1.5, max_interval=0.5) and not died:
+        return
+    reason = f"{what} exited while starting (last probe: {last})" if died else f"{what} not ready after {timeout:.0f}s (last probe: {last})"
     if log is not None:
         reason += f"\nlog {log}:\n{log_tail(log)}"
     raise StackError(reason)
@@ -579,15 +579,16 @@ class Stack:
                 return False
             del self._children[pid]
             return True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def gone() -> bool:
             _reap(pid)  # a child of this process started by another Stack object
             stat = _proc_stat(pid)
             if stat is None or stat[0] in ("Z", "X"):
                 _reap(pid)
                 return True
-            time.sleep(0.05)
-        return False
+            return False
+
+        return poll(gone, timeout, 0.05)
 
     # ---------------------------------------------------------------- health
 

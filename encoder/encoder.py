@@ -129,8 +129,9 @@ def model_version_for(settings: EncoderSettings) -> str:
     return _model_version(backbone, _parse_weights(backbone, settings.weights), settings)
 
 
-def _state_fingerprint(net: nn.Module) -> str:
-    """sha256 (first 16 hex) of every tensor in the state_dict: compare it across workers."""
+def state_fingerprint(net: nn.Module) -> str:
+    """sha256 (first 16 hex) of every tensor in the state_dict: compare it across workers, or
+    tell whether a localiser's box head fits this trunk."""
     h = hashlib.sha256()
     for name, t in net.state_dict().items():
         t = t.detach().cpu().contiguous()
@@ -247,7 +248,7 @@ class Encoder:
             started = time.perf_counter()
             device = self.device
             net = self._build()
-            self._fingerprint = _state_fingerprint(net)
+            self._fingerprint = state_fingerprint(net)
             net.eval()
             autocast = self._autocast_dtype(device)
             runner: nn.Module = net

@@ -15,8 +15,9 @@ up, giving the same checkpoint as a run that was never interrupted. Photos come 
 (:class:`Photo`): the catalog sources (manifest, index, S3 prefix) live in
 ``cardigan.ops.trainset``.
 
-Train and index see the same pixels: every photo goes through :func:`cardigan.imaging.crop.preprocess`,
-the worker's own decode → crop → resize. Every photo gets random crops, flips and colour jitter
+Train and index see the same pixels: every photo goes through the caller's ``prepare``
+(:data:`Prepare`; ``cardigan.ops.trainset.prepare_photo`` is the worker's own decode → crop → resize),
+so this package imports nothing from ``cardigan``. Every photo gets random crops, flips and colour jitter
 (``torchvision.transforms.v2``); a product with one photo is paired with an augmented copy.
 
 CPU budget: training runs on small crops (``train_size``, e.g. 96 px, while workers embed at
@@ -41,7 +42,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +51,10 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from torch import nn
 from torchvision.transforms import v2
 
-from cardigan.errors import CardiganError
-from cardigan.imaging.crop import preprocess
 from config.settings import EncoderSettings, LimitSettings
 from encoder.checkpoint import save_checkpoint
 from encoder.encoder import Encoder, model_version_for
@@ -69,6 +68,13 @@ _EMBED_BATCH = 64
 _BN_IMAGES = 512  # training photos that re-measure the BatchNorm statistics after training
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+Prepare = Callable[[bytes, Sequence[float] | None, int, int], torch.Tensor | None]
+"""(photo bytes, bbox, size, max_pixels) -> the normalised CHW crop a worker would embed, or None
+for a photo the worker would reject. The callers (``cardigan.ops.trainset.prepare_photo``) supply
+the workers' own decode → crop → resize, so train and index see the same pixels, and the encoder
+package needs nothing from ``cardigan``."""
 
 
 class Photo(Protocol):
@@ -164,17 +170,10 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return (x - _MEAN) / _STD
 
 
-def _preprocess_all(photos: Sequence[Photo], size: int, max_pixels: int, workers: int = 2) -> list[torch.Tensor | None]:
-    """Each photo through the worker's preprocessing; None for a photo the worker would reject."""
-
-    def one(p: Photo) -> torch.Tensor | None:
-        try:
-            return preprocess(p.data, p.bbox, size=size, max_pixels=max_pixels)[0]
-        except CardiganError:  # corrupt, too big, bad bbox: the worker would dead-letter it too
-            return None
-
+def _preprocess_all(photos: Sequence[Photo], prepare: Prepare, size: int, max_pixels: int, workers: int = 2) -> list[torch.Tensor | None]:
+    """Each photo through ``prepare`` (the worker's preprocessing); None for a photo the worker would reject."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # PIL releases the GIL
-        return list(pool.map(one, photos))
+        return list(pool.map(lambda p: prepare(p.data, p.bbox, size, max_pixels), photos))
 
 
 def make_augment(size: int) -> v2.Transform:
@@ -337,7 +336,7 @@ class EvalSet:
     query_self: list[int] | None = None  # per query, its own row in the gallery (left out of its ranking)
 
 
-def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
+def make_eval_set(products: Sequence[Product], prepare: Prepare, size: int, max_pixels: int, workers: int = 2) -> EvalSet:
     """Queries from :func:`devkit.catalog.query_photo` (a new street photo of each product)."""
     from devkit.catalog import SyntheticProduct, query_photo
 
@@ -348,7 +347,7 @@ def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, worke
         queries = list(pool.map(query_photo, synthetic))
     photos = [img for p in products for img in p.images]
     owners = [i for i, p in enumerate(products) for _ in p.images]
-    crops = _preprocess_all([*photos, *queries], size, max_pixels, workers)
+    crops = _preprocess_all([*photos, *queries], prepare, size, max_pixels, workers)
     g = [(c, o) for c, o in zip(crops[: len(photos)], owners, strict=True) if c is not None]
     q = [(c, i) for i, c in enumerate(crops[len(photos) :]) if c is not None]
     empty = torch.empty(0, 3, size, size)
@@ -361,14 +360,14 @@ def make_eval_set(products: Sequence[Product], size: int, max_pixels: int, worke
     )
 
 
-def make_heldout_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
+def make_heldout_set(products: Sequence[Product], prepare: Prepare, size: int, max_pixels: int, workers: int = 2) -> EvalSet:
     """Held-out retrieval for catalog products of any source, leave one out: every photo of a
     product with two or more photos queries the gallery of all held-out photos but itself, and
     must find its product through another of its photos (what a shopper's new photo meets in
     the index). A product with one photo is only a distractor."""
     photos = [img for p in products for img in p.images]
     owners = [i for i, p in enumerate(products) for _ in p.images]
-    crops = _preprocess_all(photos, size, max_pixels, workers)
+    crops = _preprocess_all(photos, prepare, size, max_pixels, workers)
     kept = [(c, o) for c, o in zip(crops, owners, strict=True) if c is not None]
     count: dict[int, int] = {}
     for _, o in kept:
@@ -386,13 +385,13 @@ def make_heldout_set(products: Sequence[Product], size: int, max_pixels: int, wo
     )
 
 
-def heldout_set(products: Sequence[Product], size: int, max_pixels: int, workers: int = 2) -> EvalSet:
+def heldout_set(products: Sequence[Product], prepare: Prepare, size: int, max_pixels: int, workers: int = 2) -> EvalSet:
     """Synthetic products are queried with a new street photo; any other products with one of their own."""
     from devkit.catalog import SyntheticProduct
 
     if products and all(isinstance(p, SyntheticProduct) for p in products):
-        return make_eval_set(products, size, max_pixels, workers)
-    return make_heldout_set(products, size, max_pixels, workers)
+        return make_eval_set(products, prepare, size, max_pixels, workers)
+    return make_heldout_set(products, prepare, size, max_pixels, workers)
 
 
 def hit_rates(net: nn.Module, ev: EvalSet, device: torch.device, ks: Sequence[int] = HIT_KS) -> dict[int, float]:
@@ -441,6 +440,7 @@ def train_triplets(
     stop_after: int | None = None,
     same_category: bool = True,
     trunk_lr: float | None = None,
+    prepare: Prepare | None = None,
 ) -> TrainReport:
     """Train the net ``settings`` describes on ``products`` with the triplet hinge loss.
 
@@ -466,6 +466,109 @@ def train_triplets(
     """
     t_start = time.perf_counter()
     console = console or Console(stderr=True)
+    if prepare is None:
+        raise TypeError("train_triplets needs prepare=: the workers' decode → crop → resize (cardigan.ops.trainset.prepare_photo)")
+    plan = _plan(
+        settings, products, steps=steps, batch=batch, lr=lr, margin=margin, seed=seed, freeze=freeze, recalibrate=recalibrate,
+        views=views, mining=mining, weight_decay=weight_decay, max_pixels=max_pixels, train_size=train_size, state=state,
+        resume=resume, same_category=same_category, trunk_lr=trunk_lr,
+    )  # fmt: skip
+    net, device = plan.net, plan.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # dropout and the augmentations draw from the global RNG
+        rng = random.Random(f"train:{seed}")
+        t = time.perf_counter()
+        with console.status("preparing training photos…"):
+            data = _prepare_data(plan.usable, prepare, plan.tsize, plan.max_pixels, batch=batch, same_category=same_category)
+            ev = heldout_set(heldout, prepare, plan.size, plan.max_pixels) if heldout else None
+            augment = make_augment(plan.tsize)
+            net.to(device)
+        prep_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with _status(console, ev is not None, f"measuring recall@k on {len(heldout)} held-out products…"):
+            before = hit_rates(net, ev, device) if ev else {}
+        eval_s = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with console.status("calibrating and caching…"):
+            cache = _calibrate_and_cache(net, data, rng, augment, recalibrate=plan.recalibrate, freeze=freeze, views=views, device=device)
+        prep_s += time.perf_counter() - t
+
+        t = time.perf_counter()
+        loop = _train(
+            plan, data, cache, augment, rng, console, settings=settings, steps=steps, lr=lr, margin=margin, mining=mining, views=views,
+            weight_decay=weight_decay, freeze=freeze, time_budget_s=time_budget_s, stop_after=stop_after, log_every=log_every,
+            save_every=save_every, resume=resume,
+        )  # fmt: skip
+        train_s = time.perf_counter() - t
+        net.requires_grad_(True)
+        net.eval()
+
+        t = time.perf_counter()
+        paused = loop.stopped_by == "paused"
+        with _status(console, ev is not None and not paused, f"measuring recall@k on {len(heldout)} held-out products…"):
+            after = hit_rates(net, ev, device) if ev and not paused else {}
+        eval_s += time.perf_counter() - t
+
+    report = _report(
+        settings, plan, data, loop, heldout=heldout, lr=lr, margin=margin, freeze=freeze, seed=seed, before=before, after=after,
+        prep_s=prep_s, train_s=train_s, eval_s=eval_s,
+    )  # fmt: skip
+    if out is not None and not paused:
+        _save(report, net, settings, out)
+    report.total_s = round(time.perf_counter() - t_start, 2)
+    report.net = net
+    return report
+
+
+@dataclass
+class _Plan:
+    """A run's checked arguments and the net it starts from (built before the run's RNG fork)."""
+
+    usable: list[Product]
+    size: int  # the size workers embed at, and the held-out set is measured at
+    tsize: int  # the size training crops are
+    max_pixels: int
+    device: torch.device
+    net: EmbeddingNet
+    pretrained: bool
+    recalibrate: bool
+    trunk_lr: float
+    run_id: str
+    state_path: Path | None
+
+
+@dataclass
+class _Data:
+    """Training photos as the worker crops them (8-bit), and how they group into products and categories."""
+
+    images: torch.Tensor  # N×3×S×S uint8
+    by_product: dict[int, list[int]]  # product -> rows of images
+    product_ids: list[int]
+    skipped: int  # photos the worker would reject
+    pairs_per_step: int
+    product_cat: dict[int, int]  # product -> category code, -1 without one
+    by_category: dict[int, list[int]]
+    grouped: bool  # batches come in same-category groups
+
+
+@dataclass
+class _Loop:
+    """What the optimisation loop did."""
+
+    losses: list[float]
+    actives: list[float]
+    start: int  # the step it resumed from
+    stopped_by: Literal["steps", "time budget", "paused"]
+
+
+def _plan(
+    settings: EncoderSettings, products: Sequence[Product], *, steps: int, batch: int, lr: float, margin: float, seed: int,
+    freeze: int, recalibrate: bool | None, views: int, mining: Mining, weight_decay: float, max_pixels: int | None,
+    train_size: int | None, state: str | Path | None, resume: bool, same_category: bool, trunk_lr: float | None,
+) -> _Plan:  # fmt: skip
+    """Check the arguments, build the starting net and name the run (its state file says which run it is)."""
     if batch < 2:
         raise ValueError("batch must be at least 2 products (a triplet needs another product's photo)")
     if steps < 0:
@@ -493,188 +596,201 @@ def train_triplets(
     run_id = _run_id(
         settings, usable, steps, batch, lr, margin, seed, freeze, views, mining, weight_decay, tsize, same_category, recalibrate, trunk_lr
     )
+    return _Plan(usable, size, tsize, max_pixels, device, net, pretrained, recalibrate, trunk_lr, run_id, state_path)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # dropout and the augmentations draw from the global RNG
-        rng = random.Random(f"train:{seed}")
-        t = time.perf_counter()
-        with console.status("preparing training photos…"):
-            # ---- data: every photo cropped exactly like the worker crops it
-            photos = [img for p in usable for img in p.images]
-            owners = [i for i, p in enumerate(usable) for _ in p.images]
-            crops = _preprocess_all(photos, tsize, max_pixels)
-            kept = [(c, o) for c, o in zip(crops, owners, strict=True) if c is not None]
-            skipped = len(crops) - len(kept)
-            by_product: dict[int, list[int]] = {}
-            for j, (_, o) in enumerate(kept):
-                by_product.setdefault(o, []).append(j)
-            product_ids = sorted(by_product)
-            if len(product_ids) < 2:
-                raise ValueError(f"fewer than 2 products have a usable photo ({skipped} of {len(crops)} photos failed to decode or crop)")
-            images = torch.stack([_to_uint8(c) for c, _ in kept])
-            pairs_per_step = min(batch, len(product_ids))
-            names = sorted({c for p in usable if (c := category_of(p))})
-            cat_code = {c: i for i, c in enumerate(names)}
-            product_cat = {i: cat_code.get(category_of(usable[i]) or "", -1) for i in product_ids}
-            by_category: dict[int, list[int]] = {}
-            for i in product_ids:
-                if product_cat[i] >= 0:
-                    by_category.setdefault(product_cat[i], []).append(i)
-            grouped = same_category and any(len(v) > 1 for v in by_category.values())
-            ev = heldout_set(heldout, size, max_pixels) if heldout else None
-            augment = make_augment(tsize)
-            net.to(device)
-        prep_s = time.perf_counter() - t
 
-        t = time.perf_counter()
-        with _status(console, ev is not None, f"measuring recall@k on {len(heldout)} held-out products…"):
-            before = hit_rates(net, ev, device) if ev else {}
-        eval_s = time.perf_counter() - t
+def _prepare_data(usable: Sequence[Product], prepare: Prepare, tsize: int, max_pixels: int, *, batch: int, same_category: bool) -> _Data:
+    """Every photo cropped exactly like the worker crops it, grouped by product and category."""
+    photos = [img for p in usable for img in p.images]
+    owners = [i for i, p in enumerate(usable) for _ in p.images]
+    crops = _preprocess_all(photos, prepare, tsize, max_pixels)
+    kept = [(c, o) for c, o in zip(crops, owners, strict=True) if c is not None]
+    skipped = len(crops) - len(kept)
+    by_product: dict[int, list[int]] = {}
+    for j, (_, o) in enumerate(kept):
+        by_product.setdefault(o, []).append(j)
+    product_ids = sorted(by_product)
+    if len(product_ids) < 2:
+        raise ValueError(f"fewer than 2 products have a usable photo ({skipped} of {len(crops)} photos failed to decode or crop)")
+    images = torch.stack([_to_uint8(c) for c, _ in kept])
+    pairs_per_step = min(batch, len(product_ids))
+    names = sorted({c for p in usable if (c := category_of(p))})
+    cat_code = {c: i for i, c in enumerate(names)}
+    product_cat = {i: cat_code.get(category_of(usable[i]) or "", -1) for i in product_ids}
+    by_category: dict[int, list[int]] = {}
+    for i in product_ids:
+        if product_cat[i] >= 0:
+            by_category.setdefault(product_cat[i], []).append(i)
+    grouped = same_category and any(len(v) > 1 for v in by_category.values())
+    return _Data(images, by_product, product_ids, skipped, pairs_per_step, product_cat, by_category, grouped)
 
-        t = time.perf_counter()
-        with console.status("calibrating and caching…"):
-            if recalibrate:
-                # BatchNorm statistics of real photos at the training size, not of the noise a
-                # random net was calibrated on: the first steps then start from sane activations.
-                sample = rng.sample(range(len(images)), min(_BN_IMAGES, len(images)))
-                _remeasure_batchnorm(net, _normalise(images[sample]), 2 * pairs_per_step, device)
-            # ---- frozen blocks: their output, once per photo and view (view 0: the plain crop)
-            cache: torch.Tensor | None = None
-            if freeze:
-                assert isinstance(net.trunk, nn.Sequential)
-                prefix = net.trunk[:freeze]
-                prefix.requires_grad_(False)
-                cache = _cache_prefix(prefix, images, augment, views, device)
-        prep_s += time.perf_counter() - t
 
-        # ---- optimisation
-        t = time.perf_counter()
-        trunk_ids = {id(p) for p in net.trunk.parameters()}
-        groups = [
-            {"params": [p for p in net.parameters() if p.requires_grad and id(p) in trunk_ids], "lr_scale": trunk_lr},
-            {"params": [p for p in net.parameters() if p.requires_grad and id(p) not in trunk_ids], "lr_scale": 1.0},
-        ]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
-        warmup = max(1, min(20, steps // 10))
-        losses: list[float] = []
-        actives: list[float] = []
-        start = 0
-        stopped_by: Literal["steps", "time budget", "paused"] = "steps"
-        pair_labels = torch.arange(pairs_per_step).repeat(2).to(device)
-        with (
-            _trunk_from(net, freeze),
-            Progress(
-                TextColumn("training {task.description}"),
-                BarColumn(),
-                TaskProgressColumn(),
-                TextColumn("step {task.fields[step]}/{task.fields[steps]}, loss {task.fields[loss]:.4f}"),
-                TimeElapsedColumn(),
-                console=console,
-                transient=False,
-            ) as progress,
-        ):
-            if resume:  # inside _trunk_from: the state holds the trained blocks only, as saved
-                assert state_path is not None
-                start, losses, actives = _load_state(state_path, run_id, net, opt, rng)
-                progress.console.log(f"resumed from {state_path} at step {start}/{steps}")
-            # the bar follows the steps (or a time budget, when one is given and nearer)
-            task = progress.add_task(
-                f"{settings.backbone}@{tsize}px",
-                total=1.0,
-                completed=start / steps if steps else 1.0,
-                step=start,
-                steps=steps,
-                loss=float("nan"),
+def _calibrate_and_cache(
+    net: EmbeddingNet, data: _Data, rng: random.Random, augment: v2.Transform, *, recalibrate: bool, freeze: int, views: int, device: torch.device
+) -> torch.Tensor | None:
+    """BatchNorm statistics of real photos (``recalibrate``); the frozen blocks' output per photo and view."""
+    if recalibrate:
+        # BatchNorm statistics of real photos at the training size, not of the noise a
+        # random net was calibrated on: the first steps then start from sane activations.
+        sample = rng.sample(range(len(data.images)), min(_BN_IMAGES, len(data.images)))
+        _remeasure_batchnorm(net, _normalise(data.images[sample]), 2 * data.pairs_per_step, device)
+    # ---- frozen blocks: their output, once per photo and view (view 0: the plain crop)
+    if not freeze:
+        return None
+    assert isinstance(net.trunk, nn.Sequential)
+    prefix = net.trunk[:freeze]
+    prefix.requires_grad_(False)
+    return _cache_prefix(prefix, data.images, augment, views, device)
+
+
+def _optimiser(net: EmbeddingNet, *, lr: float, trunk_lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: the trunk at ``trunk_lr`` × ``lr``, the head at ``lr``."""
+    trunk_ids = {id(p) for p in net.trunk.parameters()}
+    groups = [
+        {"params": [p for p in net.parameters() if p.requires_grad and id(p) in trunk_ids], "lr_scale": trunk_lr},
+        {"params": [p for p in net.parameters() if p.requires_grad and id(p) not in trunk_ids], "lr_scale": 1.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
+
+
+def _train_loop(
+    plan: _Plan, data: _Data, cache: torch.Tensor | None, augment: v2.Transform, opt: torch.optim.Optimizer, rng: random.Random,
+    progress: Progress, task: TaskID, *, steps: int, start: int, losses: list[float], actives: list[float], lr: float,
+    margin: float, mining: Mining, views: int, time_budget_s: float | None, stop_after: int | None, log_every: int,
+    save_every: int, t: float,
+) -> _Loop:  # fmt: skip
+    """The optimisation steps, from ``start``: cosine learning rate after a short warm-up, a
+    mined triplet loss per batch, the state saved every ``save_every`` steps."""
+    net, device, state_path = plan.net, plan.device, plan.state_path
+    warmup = max(1, min(20, steps // 10))
+    stopped_by: Literal["steps", "time budget", "paused"] = "steps"
+    pair_labels = torch.arange(data.pairs_per_step).repeat(2).to(device)
+    for step in range(start, steps):
+        elapsed = time.perf_counter() - t
+        if time_budget_s is not None and elapsed >= time_budget_s:
+            stopped_by = "time budget"
+            break
+        if stop_after is not None and step - start >= stop_after:
+            stopped_by = "paused"
+            break
+        done = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+        scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        for group in opt.param_groups:
+            group["lr"] = lr * scale * group["lr_scale"]
+        chosen = _choose(rng, data.product_ids, data.by_category, data.product_cat, data.pairs_per_step, data.grouped)
+        x = _batch(rng, data.by_product, chosen, data.images, cache, augment, views)
+        cats = torch.tensor([data.product_cat[i] for i in chosen] * 2, device=device) if data.grouped else None
+        net.train()
+        if plan.pretrained:  # keep the trunk's trained statistics: batches are small and few
+            for m in _norms(net):
+                m.eval()
+        emb = net(x.to(device))
+        loss, active = triplet_loss(emb, pair_labels, margin, mining, cats)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        actives.append(active)
+        elapsed = time.perf_counter() - t
+        done = max((step + 1) / steps, elapsed / time_budget_s if time_budget_s else 0.0)
+        progress.update(task, completed=min(1.0, done), step=step + 1, loss=losses[-1])
+        if log_every and ((step + 1) % log_every == 0 or step == 0):
+            recent = losses[-log_every:]
+            progress.console.log(
+                f"step {step + 1}: loss {sum(recent) / len(recent):.4f} (last {len(recent)}), {active:.0%} triplets active, lr {lr * scale:.2e}"
             )
-            for step in range(start, steps):
-                elapsed = time.perf_counter() - t
-                if time_budget_s is not None and elapsed >= time_budget_s:
-                    stopped_by = "time budget"
-                    break
-                if stop_after is not None and step - start >= stop_after:
-                    stopped_by = "paused"
-                    break
-                done = max(step / steps, elapsed / time_budget_s if time_budget_s else 0.0)
-                scale = (step + 1) / warmup if step < warmup else 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
-                for group in opt.param_groups:
-                    group["lr"] = lr * scale * group["lr_scale"]
-                chosen = _choose(rng, product_ids, by_category, product_cat, pairs_per_step, grouped)
-                x = _batch(rng, by_product, chosen, images, cache, augment, views)
-                cats = torch.tensor([product_cat[i] for i in chosen] * 2, device=device) if grouped else None
-                net.train()
-                if pretrained:  # keep the trunk's trained statistics: batches are small and few
-                    for m in _norms(net):
-                        m.eval()
-                emb = net(x.to(device))
-                loss, active = triplet_loss(emb, pair_labels, margin, mining, cats)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                actives.append(active)
-                elapsed = time.perf_counter() - t
-                done = max((step + 1) / steps, elapsed / time_budget_s if time_budget_s else 0.0)
-                progress.update(task, completed=min(1.0, done), step=step + 1, loss=losses[-1])
-                if log_every and ((step + 1) % log_every == 0 or step == 0):
-                    recent = losses[-log_every:]
-                    progress.console.log(
-                        f"step {step + 1}: loss {sum(recent) / len(recent):.4f} (last {len(recent)}), "
-                        f"{active:.0%} triplets active, lr {lr * scale:.2e}"
-                    )
-                if state_path is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-                    _save_state(state_path, run_id, step + 1, net, opt, rng, losses, actives)
-            if stopped_by == "paused":
-                assert state_path is not None
-                _save_state(state_path, run_id, len(losses), net, opt, rng, losses, actives)
-            elif not pretrained:
-                # BatchNorm statistics of the final weights, on plain crops of training photos
-                sample = rng.sample(range(len(images)), min(_BN_IMAGES, len(images)))
-                plain = cache[sample, 0] if cache is not None else _normalise(images[sample])
-                _remeasure_batchnorm(net, plain, 2 * pairs_per_step, device)
-        train_s = time.perf_counter() - t
-        net.requires_grad_(True)
-        net.eval()
+        if state_path is not None and save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            _save_state(state_path, plan.run_id, step + 1, net, opt, rng, losses, actives)
+    return _Loop(losses, actives, start, stopped_by)
 
-        t = time.perf_counter()
-        with _status(console, ev is not None and stopped_by != "paused", f"measuring recall@k on {len(heldout)} held-out products…"):
-            after = hit_rates(net, ev, device) if ev and stopped_by != "paused" else {}
-        eval_s += time.perf_counter() - t
 
-    report = TrainReport(
+def _train(
+    plan: _Plan, data: _Data, cache: torch.Tensor | None, augment: v2.Transform, rng: random.Random, console: Console, *,
+    settings: EncoderSettings, steps: int, lr: float, margin: float, mining: Mining, views: int, weight_decay: float, freeze: int,
+    time_budget_s: float | None, stop_after: int | None, log_every: int, save_every: int, resume: bool,
+) -> _Loop:  # fmt: skip
+    """The optimiser, the progress bar, a resume, the loop; then a paused run's state, or the final BatchNorm statistics."""
+    t = time.perf_counter()
+    net, device, state_path = plan.net, plan.device, plan.state_path
+    opt = _optimiser(net, lr=lr, trunk_lr=plan.trunk_lr, weight_decay=weight_decay)
+    losses: list[float] = []
+    actives: list[float] = []
+    start = 0
+    with (
+        _trunk_from(net, freeze),
+        Progress(
+            TextColumn("training {task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("step {task.fields[step]}/{task.fields[steps]}, loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress,
+    ):
+        if resume:  # inside _trunk_from: the state holds the trained blocks only, as saved
+            assert state_path is not None
+            start, losses, actives = _load_state(state_path, plan.run_id, net, opt, rng)
+            progress.console.log(f"resumed from {state_path} at step {start}/{steps}")
+        # the bar follows the steps (or a time budget, when one is given and nearer)
+        task = progress.add_task(
+            f"{settings.backbone}@{plan.tsize}px", total=1.0, completed=start / steps if steps else 1.0, step=start, steps=steps, loss=float("nan")
+        )
+        loop = _train_loop(
+            plan, data, cache, augment, opt, rng, progress, task, steps=steps, start=start, losses=losses, actives=actives, lr=lr,
+            margin=margin, mining=mining, views=views, time_budget_s=time_budget_s, stop_after=stop_after, log_every=log_every,
+            save_every=save_every, t=t,
+        )  # fmt: skip
+        if loop.stopped_by == "paused":
+            assert state_path is not None
+            _save_state(state_path, plan.run_id, len(loop.losses), net, opt, rng, loop.losses, loop.actives)
+        elif not plan.pretrained:
+            # BatchNorm statistics of the final weights, on plain crops of training photos
+            sample = rng.sample(range(len(data.images)), min(_BN_IMAGES, len(data.images)))
+            plain = cache[sample, 0] if cache is not None else _normalise(data.images[sample])
+            _remeasure_batchnorm(net, plain, 2 * data.pairs_per_step, device)
+    return loop
+
+
+def _report(
+    settings: EncoderSettings, plan: _Plan, data: _Data, loop: _Loop, *, heldout: Sequence[Product], lr: float, margin: float,
+    freeze: int, seed: int, before: dict[int, float], after: dict[int, float], prep_s: float, train_s: float, eval_s: float,
+) -> TrainReport:  # fmt: skip
+    return TrainReport(
         backbone=settings.backbone,
-        image_size=size,
-        train_size=tsize,
-        products=len(product_ids),
-        photos=len(images),
-        skipped_photos=skipped,
+        image_size=plan.size,
+        train_size=plan.tsize,
+        products=len(data.product_ids),
+        photos=len(data.images),
+        skipped_photos=data.skipped,
         heldout_products=len(heldout),
-        steps=len(losses),
-        batch=pairs_per_step,
+        steps=len(loop.losses),
+        batch=data.pairs_per_step,
         lr=lr,
         margin=margin,
         freeze=freeze,
         seed=seed,
-        losses=losses,
-        active=actives,
+        losses=loop.losses,
+        active=loop.actives,
         hit_before=before,
         hit_after=after,
-        stopped_by=stopped_by,
+        stopped_by=loop.stopped_by,
         prep_s=round(prep_s, 2),
         train_s=round(train_s, 2),
         eval_s=round(eval_s, 2),
         total_s=0.0,
-        resumed_from=start,
-        state=state_path,
+        resumed_from=loop.start,
+        state=plan.state_path,
     )
-    if out is not None and stopped_by != "paused":
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        report.checkpoint = path
-        report.checkpoint_sha256 = save_checkpoint(net.cpu(), path)
-        report.model_version = model_version_for(settings.model_copy(update={"weights": str(path)}))
-    report.total_s = round(time.perf_counter() - t_start, 2)
-    report.net = net
-    return report
+
+
+def _save(report: TrainReport, net: EmbeddingNet, settings: EncoderSettings, out: str | Path) -> None:
+    """The checkpoint file, and the model version workers will name it by."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report.checkpoint = path
+    report.checkpoint_sha256 = save_checkpoint(net.cpu(), path)
+    report.model_version = model_version_for(settings.model_copy(update={"weights": str(path)}))
 
 
 # --------------------------------------------------------------------------- resumable state

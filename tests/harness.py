@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 
 from cardigan.imaging.fetch import make_s3_client
 from cardigan.ops.publish import Publisher
+from cardigan.poll import poll
 from cardigan.store.deadletter import DeadLetters
 from cardigan.store.guard import make_redis
 from cardigan.store.index import Index
@@ -171,12 +171,8 @@ class Namespace:
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+    if not poll(pred, timeout, interval):
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def new_namespace(stack_env: Mapping[str, str], tmp: Path, **overrides: str) -> Namespace:

@@ -16,8 +16,9 @@ import torch
 from cardigan.event import primary_key
 from cardigan.imaging.crop import preprocess
 from cardigan.ops.verify import Expected
+from cardigan.procstat import rss_mb
 from config.settings import EncoderSettings
-from devkit.bench import ceiling, percentile, rss_mb
+from devkit.bench import ceiling
 from devkit.catalog import render_product
 from encoder import Encoder, build_encoder
 from tests.harness import Namespace, wait_until
@@ -143,8 +144,6 @@ def test_bench_helpers() -> None:
     ]
     assert ceiling(100, 100, "cpu") == pytest.approx(50)  # shared cores: times add
     assert ceiling(100, 300, "cuda") == 100  # overlapped: the slower stage sets the pace
-    assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
-    assert percentile(list(range(101)), 99) == pytest.approx(99)
     me = rss_mb(__import__("os").getpid())
     assert me is not None and me > 10
     assert rss_mb(2**22 + 12345) is None
@@ -231,3 +230,37 @@ def test_e2e_corrupt_image_fails_only_its_own_event(ns: Namespace) -> None:
     stats = _batch_stats(ns)
     assert stats["batches"] < stats["items"], f"the good events should have shared batches: {stats}"
     assert w.alive()
+
+
+# The keys `cardigan bench --json` printed before the result became a typed object (captured
+# from the dict literal it replaced): cardigan/cli/bench.py, devkit/gpu_check.py and people's
+# scripts read them.
+BENCH_KEYS = (
+    "images_per_s events_per_s runtime images_per_s_torch speedup_vs_torch naive_images_per_s speedup_vs_naive "
+    "forward_only_images_per_s forward_only_images_per_s_torch decode_only_images_per_s forward_only_torch_threads "
+    "ceiling_images_per_s_before ceiling_images_per_s_after ceiling_images_per_s ratio_to_ceiling freshness_p50_ms "
+    "freshness_p99_ms batch_size_mean rss_mb_start rss_mb_end device model image_size events images seconds "
+    "naive_events_per_s naive_batch_size_mean write_batch_mean model_busy_pct cpu_ms_per_image "
+    "cpu_ms_per_image_milvus cpu_ms_per_image_publisher cpu_ms_per_image_worker "
+    "worker_cpu_ms_per_image_by_stage naive_cpu_ms_per_image naive_worker_cpu_ms_per_image_by_stage "
+    "forward_only_cpu_ms_per_image decode_only_cpu_ms_per_image cpu_ratio_to_ceiling freshness_rate_events_per_s "
+    "freshness_samples workers concurrency batch_size batch_wait_ms fetch_threads prefetch_multiplier torch_threads s3 "
+    "cpu_count load_avg_start load_avg_end duplicates_lag_p50_ms duplicates_lag_p99_ms"
+).split()
+
+
+def test_bench_result_prints_the_same_keys() -> None:
+    """The typed bench result flattens to the keys (and order) of the dict it replaced."""
+    import json
+    from dataclasses import fields
+
+    from devkit.bench import BenchResult
+
+    values: dict[str, object] = {f.name: 1.0 for f in fields(BenchResult)}
+    values["cpu_ms_per_image_by_group"] = {"worker": 2.0, "publisher": 3.0, "milvus": 4.0}
+    values["sections"] = {"duplicates_lag_p50_ms": 5.0, "duplicates_lag_p99_ms": 6.0}
+    res = BenchResult(**values)  # type: ignore[arg-type]
+    d = res.as_dict()
+    assert list(d) == BENCH_KEYS
+    assert d["cpu_ms_per_image_worker"] == 2.0 and d["duplicates_lag_p99_ms"] == 6.0
+    assert json.loads(res.to_json()) == d

@@ -4,6 +4,7 @@ made unimportable, so the worker image can leave the ``[devkit]`` extra out."""
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,24 @@ def test_row_schema_vector_size_is_the_encoders() -> None:
     assert DIM == EMBEDDING_DIM
     names = [f.name for f in collection_schema().fields]
     assert names == [*OUTPUT_FIELDS, "embedding"]
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level packages a module imports, anywhere in it (functions included), from its AST."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_encoder_does_not_import_cardigan() -> None:
+    """The encoder (net, weights, normalisation, training) sits below the pipeline: cardigan
+    imports it, never the other way round. Training gets the workers' preprocessing as a callable."""
+    modules = sorted((ROOT / "encoder").rglob("*.py"))
+    assert any(p.name == "train.py" for p in modules)  # the walk found the package
+    offenders = [str(p.relative_to(ROOT)) for p in modules if "cardigan" in _imported_packages(p)]
+    assert offenders == []
+    assert "cardigan" in _imported_packages(ROOT / "cardigan" / "ops" / "trainset.py")  # the scan sees imports

@@ -5,6 +5,7 @@ A tiny synthetic catalog at 64 px on the CPU: seconds, not minutes.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import subprocess
@@ -19,11 +20,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
+from cardigan.ops.trainset import prepare_photo  # noqa: E402
 from config.settings import EncoderSettings  # noqa: E402
 from devkit.catalog import SyntheticProduct, generate_catalog  # noqa: E402
 from encoder import build_encoder  # noqa: E402
 from encoder.checkpoint import file_sha256, read_checkpoint  # noqa: E402
-from encoder.train import TrainReport, build_net, make_eval_set, synthetic_training_set, train_triplets, triplet_loss  # noqa: E402
+from encoder.train import TrainReport, build_net, make_eval_set, synthetic_training_set, triplet_loss  # noqa: E402
+from encoder.train import train_triplets as train_with
+
+# the workers' decode → crop → resize, as `cardigan train` passes it (encoder/ imports nothing from cardigan)
+train_triplets = functools.partial(train_with, prepare=prepare_photo)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -128,7 +134,7 @@ def test_checkpoint_loads_in_the_encoder_and_embeds_like_the_trained_net(trained
     stats = [k for k in state if k.endswith("running_mean")]
     assert stats and any(not torch.equal(state[k], untrained[k]) for k in stats)
     # The worker's encoder and the trained net give the same vectors for the same crops.
-    ev = make_eval_set(catalog[6:], SIZE, 40_000_000)
+    ev = make_eval_set(catalog[6:], prepare_photo, SIZE, 40_000_000)
     assert trained.net is not None
     with torch.no_grad():
         expected = trained.net.eval()(ev.gallery)

@@ -9,6 +9,7 @@ recall must go up.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -31,13 +32,18 @@ from cardigan.ops.trainset import (  # noqa: E402
     index_events,
     latest_states,
     load_catalog,
+    prepare_photo,
     split_heldout,
 )
 from config.settings import EncoderSettings, Settings, patched_env  # noqa: E402
 from devkit.photo_catalog import PhotoProduct, events, photo_products, write_catalog  # noqa: E402
 from encoder.checkpoint import file_sha256  # noqa: E402
-from encoder.train import TrainReport, build_net, hit_rates, make_heldout_set, train_triplets  # noqa: E402
+from encoder.train import TrainReport, build_net, hit_rates, make_heldout_set  # noqa: E402
+from encoder.train import train_triplets as train_with
 from tests.harness import Namespace, wait_until  # noqa: E402
+
+# the workers' decode → crop → resize, as `cardigan train` passes it (encoder/ imports nothing from cardigan)
+train_triplets = functools.partial(train_with, prepare=prepare_photo)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -60,7 +66,7 @@ def _train(products: list[CatalogProduct]) -> tuple[TrainReport, dict[int, float
     before, after): leave one out, each photo must find its product through another of its photos."""
     train, held = split_heldout(products, 0.3, seed=1)
     report = train_triplets(PRETRAINED, train, heldout=held, steps=40, batch=16, lr=1e-3, seed=3, log_every=0, console=_quiet())
-    seen = make_heldout_set(train, SIZE, 40_000_000)
+    seen = make_heldout_set(train, prepare_photo, SIZE, 40_000_000)
     assert report.net is not None
     return report, hit_rates(build_net(PRETRAINED), seen, torch.device("cpu")), hit_rates(report.net, seen, torch.device("cpu"))
 

@@ -55,7 +55,7 @@ def bench(
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)
     try:
         with progress:
-            res = bm.run_bench(opts, progress=progress, say=lambda m: progress.console.print(f"[dim]{m}[/]"))
+            res = bm.run_bench(opts, progress=progress, say=lambda m: progress.console.print(f"[dim]{m}[/]")).as_dict()
     except CardiganError as e:
         err.print(f"[red]bench failed:[/] {e.reason}")
         raise typer.Exit(1) from None

@@ -64,6 +64,7 @@ class TrainPlan:
 def train_synthetic(settings: EncoderSettings, plan: TrainPlan, out: Path, console: Console, **resumable: Any) -> TrainReport:
     """Render the training catalog, train, write the checkpoint to ``out``; ``resumable``:
     :func:`encoder.train.train_triplets`'s state, save_every, resume and stop_after."""
+    from cardigan.ops.trainset import prepare_photo
     from encoder.train import synthetic_training_set, train_triplets
 
     with console.status(f"rendering {plan.products} + {plan.heldout} synthetic training products (seed {plan.seed})…"):
@@ -83,6 +84,7 @@ def train_synthetic(settings: EncoderSettings, plan: TrainPlan, out: Path, conso
         out=out,
         train_size=min(plan.train_size, settings.image_size) if plan.train_size else None,
         console=console,
+        prepare=prepare_photo,
         **resumable,
     )
 
@@ -246,7 +248,7 @@ def train(
     tsize = min(train_size, enc.image_size) if train_size else None
     try:
         if manifest is not None or from_index or s3_prefix:
-            from cardigan.ops.trainset import load_catalog, split_heldout
+            from cardigan.ops.trainset import load_catalog, prepare_photo, split_heldout
             from encoder.train import train_triplets
 
             catalog, stats = load_catalog(
@@ -259,7 +261,7 @@ def train(
                 enc, train_set, heldout=held, steps=steps, batch=batch, lr=lr, margin=margin, seed=seed,
                 time_budget_s=time_budget, out=out, train_size=tsize, console=console,
                 state=state_path, save_every=save_every, resume=resume, stop_after=stop_after,
-                max_pixels=settings.limits.max_image_pixels,
+                max_pixels=settings.limits.max_image_pixels, prepare=prepare_photo,
             )  # fmt: skip
         else:
             plan = TrainPlan(

@@ -21,7 +21,6 @@ Measured against the centre crop in README ("Finding the product in busy photos"
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import warnings
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from encoder.encoder import state_fingerprint
 from encoder.normalise import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # the encoder imports settings and torch models; crop.py must not pay for it
@@ -59,12 +59,7 @@ _STD = np.array(IMAGENET_STD, np.float32)
 
 def trunk_fingerprint(trunk: nn.Module) -> str:
     """sha256 (16 hex) of the trunk's tensors: a box head fits the trunk it was trained on only."""
-    h = hashlib.sha256()
-    for name, t in trunk.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_fingerprint(trunk)
 
 
 def head_path(backbone: str) -> Path:

@@ -39,6 +39,17 @@ from config.settings import Settings
 _ROW_FIELDS = ["product_id", "image_index", "image_uri", "crop", "version", "attributes"]
 
 
+def prepare_photo(data: bytes, bbox: Sequence[float] | None, size: int, max_pixels: int) -> Any:
+    """:data:`encoder.train.Prepare`: the worker's decode → crop → resize, so train and index see
+    the same pixels; None for a photo the worker would dead-letter (corrupt, too big, bad bbox)."""
+    from cardigan.imaging.crop import preprocess  # torch: imported by the commands that train
+
+    try:
+        return preprocess(data, bbox, size=size, max_pixels=max_pixels)[0]
+    except CardiganError:
+        return None
+
+
 @dataclass(frozen=True)
 class CatalogPhoto:
     """One fetched photo: its bytes and the event's bbox (None: the worker's own crop)."""
