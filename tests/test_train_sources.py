@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 # Before torch loads: idle OpenMP threads sleep instead of spinning (see tests/test_train.py).
@@ -179,9 +180,10 @@ def test_manifest_of_local_files(real: list[PhotoProduct], tmp_path: Path) -> No
 
 @pytest.mark.e2e
 def test_manifest_from_s3_with_the_workers_limits(real: list[PhotoProduct], ns: Namespace, tmp_path: Path) -> None:
-    uris = {(p.product_id, n): ns.put_image(f"catalog/{p.product_id}/{n}.jpg", img.data) for p in real for n, img in enumerate(p.images)}
+    prefix = f"train-{uuid.uuid4().hex[:8]}/"  # the stack's bucket is shared with other tests: a prefix of our own
+    uris = {(p.product_id, n): ns.put_image(f"{prefix}{p.product_id}/{n}.jpg", img.data) for p in real for n, img in enumerate(p.images)}
     evs = events(real, uris)
-    evs[0]["images"].append({"uri": f"s3://{ns.settings.bucket}/catalog/nope.jpg"})  # type: ignore[union-attr]
+    evs[0]["images"].append({"uri": f"s3://{ns.settings.bucket}/{prefix}nope.jpg"})  # type: ignore[union-attr]
     evs[1]["images"].append({"uri": "s3://someone-elses-bucket/x.jpg"})  # type: ignore[union-attr]
     gone = {"type": "add", "product_id": "photo-gone", "version": 1, "images": [{"uri": uris[(real[2].product_id, 0)]}]}
     evs += [gone, {"type": "delete", "product_id": "photo-gone", "version": 2}]
@@ -197,7 +199,7 @@ def test_manifest_from_s3_with_the_workers_limits(real: list[PhotoProduct], ns: 
 
     # the S3-prefix layout: <prefix><product_id>/<name>.jpg, same products
     with patched_env(ns.env):
-        by_prefix, s3_stats = load_catalog(ns.settings, s3_prefix=f"s3://{ns.settings.bucket}/catalog/", console=_quiet())
+        by_prefix, s3_stats = load_catalog(ns.settings, s3_prefix=f"s3://{ns.settings.bucket}/{prefix}", console=_quiet())
     assert s3_stats.products == len(real) and all(len(p.images) == 3 for p in by_prefix)
     assert sorted(p.product_id for p in by_prefix) == sorted(p.product_id for p in real)
 
