@@ -12,8 +12,6 @@ from PIL import Image
 
 from cardigan.errors import CorruptImage, InvalidCrop
 from cardigan.imaging.crop import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     bbox_to_box,
     centre_box,
     crop_image,
@@ -22,6 +20,7 @@ from cardigan.imaging.crop import (
     to_tensor,
     trim_box,
 )
+from encoder.normalise import IMAGENET_MEAN, IMAGENET_STD
 
 LIMIT = 40_000_000
 

@@ -198,6 +198,7 @@ def search(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Find products that look like this photo."""
+    from cardigan.imaging.localise import localiser_for
     from cardigan.ops.query import search_image
     from cardigan.store.index import Index
     from encoder import build_encoder
@@ -208,8 +209,6 @@ def search(
         index.live_collection()  # a missing server answers here, before the model loads
         enc = build_encoder(s.encoder)
         enc.load()
-        from cardigan.imaging.localise import localiser_for
-
         try:
             hits = search_image(
                 index, enc, image.read_bytes(), k=k, max_pixels=s.limits.max_image_pixels, localiser=localiser_for(enc, s.crop)

@@ -101,7 +101,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="print the scores as JSON"),
 ) -> None:
     """Score encoders on labelled query → product sets: recall@1, recall@5, mAP."""
-    from cardigan.ops.evaluate import CROP_MODES, EvalError, require_localiser
+    from cardigan.ops.evaluate import CROP_MODES, EvalError
 
     err = Console(stderr=True)
     try:
@@ -114,8 +114,6 @@ def eval_command(
         err.print(f"[red]error:[/] --crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
         raise typer.Exit(2)
     try:
-        if crop == "localise":
-            require_localiser()
         from encoder import Encoder
 
         specs = [encoder_settings(base, w) for w in (weights or [base.weights])]

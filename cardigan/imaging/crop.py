@@ -25,7 +25,7 @@ from PIL import Image, ImageChops
 
 from cardigan.errors import InvalidCrop
 from cardigan.imaging.decode import WHITE, decode
-from encoder.normalise import IMAGENET_MEAN, IMAGENET_STD, normalise  # noqa: F401 - re-exported for callers
+from encoder.normalise import normalise
 
 RGB = tuple[int, int, int]
 Box = tuple[int, int, int, int]

@@ -1,7 +1,7 @@
 """Find the product in a busy photo, where there is no bbox and no plain background to trim.
 
 The worker already owns a feature trunk (the encoder's); this module reuses it instead of
-loading a detector. The photo is stretched to ``size``×``size`` (the trunk is convolutional,
+loading a detector (a fine-tuned encoder: the pretrained trunk its head was trained on, below). The photo is stretched to ``size``×``size`` (the trunk is convolutional,
 stretching keeps the whole scene and maps back with two scales), the trunk gives a g×g
 feature map (10×10 at the default 320 px for mobilenet_v2), and a heat map comes out of it:
 
@@ -9,8 +9,10 @@ feature map (10×10 at the default 320 px for mobilenet_v2), and a heat map come
   trained on synthetic street photos whose generator knows every box
   (``python -m devkit.localise_bench train``). It ships, one file per backbone, in
   ``cardigan/imaging/heads/``, with the fingerprint of the trunk it was trained on: a different
-  trunk (random, or fine-tuned by ``cardigan train``) would read garbage from it, so it is
-  then refused, once and loudly, and the crop falls back to the centre.
+  trunk would read garbage from it. A trunk fine-tuned by ``cardigan train`` (or the demo) gets
+  the pristine pretrained trunk loaded beside it (:func:`pretrained_trunk_for_head`); any
+  other (random, a backbone with no head) is refused, once and loudly, and the crop falls back
+  to the centre.
 - ``energy``: the channel-summed activation of the trunk, min-max scaled (SCDA-style); needs
   no training, and means nothing on random weights (refused there too).
 
@@ -35,7 +37,7 @@ from PIL import Image
 from torch import nn
 
 from encoder.encoder import state_fingerprint
-from encoder.normalise import IMAGENET_MEAN, IMAGENET_STD
+from encoder.normalise import normalise
 
 if TYPE_CHECKING:  # the encoder imports settings and torch models; crop.py must not pay for it
     from config.settings import CropSettings
@@ -53,8 +55,6 @@ THRESHOLD = {"boxhead": 0.5, "energy": 0.7}
 MIN_SHARE = 0.01  # a smaller box is a speck: the centre crop is safer
 MAX_SHARE = 0.9  # a box this close to the whole photo gains nothing over the centre crop
 
-_MEAN = np.array(IMAGENET_MEAN, np.float32)
-_STD = np.array(IMAGENET_STD, np.float32)
 
 
 def trunk_fingerprint(trunk: nn.Module) -> str:
@@ -91,8 +91,7 @@ def to_input(img: Image.Image, size: int) -> torch.Tensor:
     if img.mode != "RGB":
         img = img.convert("RGB")
     small = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    a = (np.asarray(small, np.float32) * np.float32(1 / 255) - _MEAN) / _STD
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None]
+    return torch.from_numpy(normalise(np.asarray(small)))[None]
 
 
 def heat_to_box(heat: np.ndarray, image_size: tuple[int, int], threshold: float) -> Box | None:

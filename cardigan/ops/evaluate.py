@@ -20,7 +20,6 @@ Sets are built elsewhere (``devkit.evalsets``); this module only needs their ite
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -150,18 +149,8 @@ def _query_box(mode: CropMode) -> Callable[[Item], tuple[float, float, float, fl
     if mode == "centre":
         return lambda item: None  # no box: background trim where it applies, else the centre square
     if mode == "localise":
-        require_localiser()
         return lambda item: None  # no box: the localiser finds the product (see score_set)
     raise EvalError(f"--crop must be one of {', '.join(CROP_MODES)}, not {mode!r}")
-
-
-def require_localiser() -> None:
-    """The localiser must be in this tree for ``--crop localise``."""
-    if importlib.util.find_spec("cardigan.imaging.localise") is None:
-        raise EvalError(
-            "--crop localise: this install has no localiser (cardigan.imaging.localise is missing); "
-            "use --crop given (the boxes the set gives) or --crop centre (no box: trim or centre square)"
-        )
 
 
 def embed_items(
