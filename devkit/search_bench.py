@@ -137,7 +137,7 @@ def run(
     from cardigan.imaging.fetch import make_s3_client
     from cardigan.procstat import cpu_s
     from config.settings import patched_env, settings_from_env
-    from devkit.bench import forward_only
+    from devkit.bench import bench_weights, forward_only
     from devkit.catalog import _event, generate_catalog, image_uri, object_key, query_photo, upload
     from devkit.stack import Stack
     from encoder import build_encoder
@@ -154,6 +154,9 @@ def run(
             "CARDIGAN_ENCODER__IMAGE_SIZE": str(image_size),
             "CARDIGAN_SERVE__MAX_IN_FLIGHT": "256",
         }
+        weights = bench_weights(model, None, os.environ)
+        if weights is not None:
+            env["CARDIGAN_ENCODER__WEIGHTS"] = weights
         settings = settings_from_env(env)
         say(f"forward-only: {model} at {image_size} px, batch {settings.encoder.batch_size}")
         enc = build_encoder(settings.encoder).load()

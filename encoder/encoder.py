@@ -368,7 +368,8 @@ class Encoder:
             raise RuntimeError(
                 f"encoder.weights: could not load {type(weights).__name__}.{weights.name} "
                 f"from {weights.url}: {e}. Without network, put the file in "
-                f"{torch.hub.get_dir()}/checkpoints/ or use a checkpoint path"
+                f"{torch.hub.get_dir()}/checkpoints/, use a checkpoint path, or mobilenet_v2 (its ImageNet "
+                f"weights ship offline); weights=random only for tests"
             ) from e
         finally:
             torch.random.set_rng_state(rng)

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # small and fast: the point of these tests is the pipeline, not the model
 TEST_ENV = {
     "CARDIGAN_ENCODER__BACKBONE": "mobilenet_v3_small",
+    "CARDIGAN_ENCODER__WEIGHTS": "random",
     "CARDIGAN_ENCODER__IMAGE_SIZE": "64",
     "CARDIGAN_ENCODER__BATCH_WAIT_MS": "5",
     "CARDIGAN_WORKER__CONCURRENCY": "8",

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 @pytest.fixture(scope="module")
 def encoder() -> Encoder:
-    return build_encoder(EncoderSettings(backbone="mobilenet_v3_small", image_size=SIZE, device="cpu")).load()
+    return build_encoder(EncoderSettings(backbone="mobilenet_v3_small", weights="random", image_size=SIZE, device="cpu")).load()
 
 
 def crops(n: int, seed: int = 7) -> list[torch.Tensor]:

@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("torch_rng_isolated", "one_torch_thread")  
 
 
 def make_settings(**kw: Any) -> EncoderSettings:
-    base: dict[str, Any] = {"backbone": "mobilenet_v3_small", "image_size": SIZE, "device": "cpu"}
+    base: dict[str, Any] = {"backbone": "mobilenet_v3_small", "weights": "random", "image_size": SIZE, "device": "cpu"}
     return EncoderSettings(**(base | kw))
 
 
@@ -134,7 +134,7 @@ logging.disable(logging.WARNING)
 from config.settings import EncoderSettings
 from encoder import build_encoder
 for backbone in sys.argv[1:]:
-    s = EncoderSettings(backbone=backbone, image_size=64, device="cpu")
+    s = EncoderSettings(backbone=backbone, weights="random", image_size=64, device="cpu")
     print(backbone, build_encoder(s).load().fingerprint)
 """
 

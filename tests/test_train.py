@@ -33,7 +33,7 @@ train_triplets = functools.partial(train_with, prepare=prepare_photo)
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
-SETTINGS = EncoderSettings(backbone="mobilenet_v3_small", image_size=SIZE, device="cpu", seed=0)
+SETTINGS = EncoderSettings(backbone="mobilenet_v3_small", weights="random", image_size=SIZE, device="cpu", seed=0)
 pytestmark = pytest.mark.usefixtures("torch_rng_isolated", "one_torch_thread")  # tests/conftest.py
 
 

@@ -15,7 +15,10 @@ from cardigan.errors import CardiganError
 
 def bench(
     events: int = typer.Option(1000, "--events", "-n", min=1, help="events per throughput run (each has 1-4 photos)"),
-    model: str = typer.Option("mobilenet_v3_small", "--model", help="encoder backbone"),
+    model: str = typer.Option("mobilenet_v2", "--model", help="encoder backbone"),
+    weights: str | None = typer.Option(
+        None, "--weights", help="encoder weights (default: CARDIGAN_ENCODER__WEIGHTS, else ImageNet for mobilenet_v2, random for others)"
+    ),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     image_size: int = typer.Option(224, "--image-size", min=32, max=1024),
     workers: int = typer.Option(1, "--workers", "-w", min=1, help="worker processes (one model each)"),
@@ -47,7 +50,7 @@ def bench(
     bm = require_devkit("devkit.bench", "bench")
     err = Console(stderr=True)
     opts = bm.BenchOptions(
-        events=events, model=model, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
+        events=events, model=model, weights=weights, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
         prefetch=prefetch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, fetch_threads=fetch_threads,
         torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, pool=pool, data_dir=data_dir,
         profile=profile, runtime=runtime, compare_torch=compare_torch, duplicates=duplicates,

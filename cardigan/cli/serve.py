@@ -45,7 +45,7 @@ def bench_search(
     clients: str = typer.Option("1,8,32", "--clients", help="comma-separated concurrent client counts"),
     seconds: float = typer.Option(10, "--seconds", min=1, help="measured seconds per level"),
     products: int = typer.Option(300, "--products", "-n", min=1, help="synthetic products indexed first"),
-    model: str = typer.Option("mobilenet_v3_small", "--model", help="encoder backbone"),
+    model: str = typer.Option("mobilenet_v2", "--model", help="encoder backbone"),
     image_size: int = typer.Option(224, "--image-size", min=32, max=1024),
     k: int = typer.Option(10, "-k", min=1, max=100),
     out: Path | None = typer.Option(None, "--out", help="write bench_search.json and the service log here"),
