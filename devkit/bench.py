@@ -51,12 +51,12 @@ if TYPE_CHECKING:  # torch is imported by the commands that need it, not by `car
 
 KEY_PREFIX = "bench"
 
-# Targets (2-core CPU, mobilenet_v3_small at 224 px): shown next to the numbers.
+# Targets (2-core CPU, the default encoder at 224 px; issue 14's): shown next to the numbers.
 TARGETS: dict[str, tuple[str, float]] = {
     "ratio_to_ceiling": (">=", 0.75),
-    "speedup_vs_naive": (">=", 1.0),
+    "speedup_vs_naive": (">=", 1.5),
     "speedup_vs_torch": (">=", 1.8),  # onnxruntime against torch, same pipeline, same run
-    "freshness_p99_ms": ("<", 2000.0),
+    "freshness_p99_ms": ("<", 1000.0),
     "soak_rss_growth_pct": ("<", 10.0),
     "duplicates_cpu_overhead_pct": ("<", 10.0),  # double-listing detection's extra CPU per image
     "duplicates_lag_p99_ms": ("<", 2000.0),  # publish -> checked for double listings, at half load
@@ -302,9 +302,11 @@ class Ceiling:
     decode_cpu_ms: float
 
     @classmethod
-    def measure(cls, enc: Encoder, jpegs: Sequence[tuple[bytes, list[int] | None]], max_pixels: int) -> Ceiling:
+    def measure(
+        cls, enc: Encoder, jpegs: Sequence[tuple[bytes, list[int] | None]], max_pixels: int, localiser: Any = None
+    ) -> Ceiling:
         fwd, fwd_cpu, threads = forward_only(enc)
-        dec, dec_cpu = decode_only(jpegs, size=enc.image_size, max_pixels=max_pixels)
+        dec, dec_cpu = decode_only(jpegs, size=enc.image_size, max_pixels=max_pixels, localiser=localiser)
         return cls(fwd, fwd_cpu, threads, dec, dec_cpu)
 
     @staticmethod
@@ -322,15 +324,19 @@ class Ceiling:
         return ceiling(self.forward, self.decode, device_type)
 
 
-def decode_only(jpegs: Sequence[tuple[bytes, list[int] | None]], *, size: int, max_pixels: int) -> tuple[float, float]:
+def decode_only(
+    jpegs: Sequence[tuple[bytes, list[int] | None]], *, size: int, max_pixels: int, localiser: Any = None
+) -> tuple[float, float]:
     """Decode + crop + resize alone, on every core (threads: Pillow releases the GIL).
 
-    Images/s and CPU ms per image, on the same JPEG bytes (and bboxes) as the events.
+    Images/s and CPU ms per image, on the same JPEG bytes (and bboxes) as the events, through the
+    workers' own crop: with the localiser they run on busy photos without a bbox (a forward pass of
+    the trunk each), which is part of what an image costs before the encoder sees it.
     """
-    from cardigan.imaging.crop import preprocess
+    from cardigan.imaging.crop import preprocess_pixels
 
     def one(item: tuple[bytes, list[int] | None]) -> None:
-        preprocess(item[0], item[1], size=size, max_pixels=max_pixels)
+        preprocess_pixels(item[0], item[1], size=size, max_pixels=max_pixels, localiser=localiser)
 
     threads = os.cpu_count() or 2
     chunk = 8 * threads
@@ -848,6 +854,7 @@ class Rig:
     warm_rows: int = 0
     load_start: float = float("nan")
     servers: dict[str, int] = field(default_factory=dict)
+    localiser: Any = None  # the workers' localiser (cardigan.imaging.localise), for the ceiling
 
     def phase(self, name: str, db: int, **extra: str) -> Phase:
         """A fresh namespace (broker db, collection, queues) for one phase; closed at the end."""
@@ -955,11 +962,13 @@ def _add_events(rig: Rig) -> None:
 
 def _ceilings(rig: Rig, say: Callable[[str], None]) -> Ceilings:
     say("measuring the ceiling: model alone, then decode alone")
+    from cardigan.imaging.localise import localiser_for
     from encoder import build_encoder
 
     base = rig.base
     enc = build_encoder(base.encoder).load()
-    before = Ceiling.measure(enc, rig.pool.jpegs, base.limits.max_image_pixels)
+    rig.localiser = localiser_for(enc, base.crop)  # the workers' crop of busy photos, in the ceiling too
+    before = Ceiling.measure(enc, rig.pool.jpegs, base.limits.max_image_pixels, rig.localiser)
     fwd_torch: float | None = None
     if rig.opts.compare_torch and enc.runtime != "torch":
         say("the model alone on the torch runtime")
@@ -978,7 +987,7 @@ def _batched(rig: Rig, enc: Encoder, progress: Progress | None, say: Callable[[s
     run = rig.timed(batched, "batched", progress)
 
     say("measuring the ceiling again")
-    ceil_after = Ceiling.measure(enc, rig.pool.jpegs, rig.base.limits.max_image_pixels)
+    ceil_after = Ceiling.measure(enc, rig.pool.jpegs, rig.base.limits.max_image_pixels, rig.localiser)
 
     lat: list[float] = []
     rate = 0.0
