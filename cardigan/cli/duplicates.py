@@ -136,6 +136,7 @@ def scan_command(
 
     from cardigan.duplicates.detect import Detector
     from cardigan.duplicates.scan import scan, scan_state
+    from cardigan.duplicates.score import Scoring
     from cardigan.store.index import Index
 
     s = settings_or_exit()
@@ -155,6 +156,7 @@ def scan_command(
             threshold=d.threshold if threshold is None else threshold,
             max_images=s.limits.max_images,
             hits_per_image=d.hits_per_image,
+            scoring=Scoring.from_settings(d),
         )
         t0 = time.monotonic()
         cols = (
