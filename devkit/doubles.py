@@ -12,9 +12,11 @@ and listings we must *not* flag (hard negatives):
 - ``recolour``: the same design in another colour;
 - ``alike``: the same category and colours, another pattern.
 
-``measure`` embeds every photo with the encoder the workers use (same crop and resize), scores
-each pair of products by its best-matching pair of images (what the detector records) and
-reports precision and recall per threshold. ``python -m devkit.doubles`` prints the table and
+``measure`` embeds every photo with the encoder the workers use (same crop and resize) and takes
+its colour signature from the same crop, scores each pair of products with the detector's own
+function (cardigan/duplicates/score.py: the best image pair's cosine less the colour distance,
+over each image's ``hits_per_image`` nearest neighbours) and reports precision and recall per
+threshold. ``python -m devkit.doubles`` prints the table and
 draws the curve (docs/img/duplicates_pr.png).
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
-import itertools
 import json
 import sys
 import time
@@ -214,7 +215,10 @@ def product_vectors(
     vecs: list[np.ndarray] = []
     sigs: list[np.ndarray] = []
     for i in range(0, len(flat), batch):
-        pixels = [preprocess_pixels(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0] for _, img in flat[i : i + batch]]
+        pixels = [
+            preprocess_pixels(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0]
+            for _, img in flat[i : i + batch]
+        ]
         sigs += [colour_signature(px) for px in pixels]
         vecs.append(encoder.embed(torch.stack([torch.from_numpy(normalise(px)) for px in pixels])))
     allv = np.concatenate(vecs) if vecs else np.empty((0, 512), np.float32)

@@ -32,7 +32,9 @@ class CheckResult:
     seconds: float = 0.0
 
 
-def best_pairs(rows: list[dict], hits: list[list[dict]], at: float | None = None, scoring: Scoring | None = None) -> dict[str, dict[str, Pair]]:
+def best_pairs(
+    rows: list[dict], hits: list[list[dict]], at: float | None = None, scoring: Scoring | None = None
+) -> dict[str, dict[str, Pair]]:
     """Per checked product, its best pair with every other product it hit (score.best_pairs)."""
     return _score_pairs(rows, hits, scoring or Scoring(), at)
 

@@ -55,5 +55,7 @@ def best_pairs(rows: list[dict], hits: list[list[dict]], scoring: Scoring, at: f
             s = image_score(float(h["score"]), sig, signature.of_row(h), scoring)
             cur = mine.get(other)
             if cur is None or s > cur.score:
-                mine[other] = Pair.of(pid, other, s, int(row["version"]), int(h["version"]), int(row["image_index"]), int(h["image_index"]), at)
+                mine[other] = Pair.of(
+                    pid, other, s, int(row["version"]), int(h["version"]), int(row["image_index"]), int(h["image_index"]), at
+                )
     return best

@@ -4,7 +4,7 @@ product that only looks alike.
 Why: the embedding is mostly about shape and texture, so two products of one category in similar
 colours (or one design in another colour) score as high as a re-photographed copy. The
 signature is the chromaticity (r, g, b divided by their sum, so brightness drops out) of the
-crop's central half, its mean and spread per channel: 6 numbers. It is computed from the uint8
+crop's central half (every other pixel), its mean and spread per channel: 6 numbers. It is computed from the uint8
 crop the fetch threads already produce (no second decode), the same way at index time
 (workers/pipeline.py) and in the measurement (devkit/doubles.py), and stored in the row's
 ``crop`` JSON under ``"sig"`` (base64 of 6 float16: 16 characters), so no schema change.
@@ -20,6 +20,7 @@ import numpy as np
 SIG_KEY = "sig"  # the key in the row's crop JSON
 SIG_LEN = 6
 _CENTRE = 0.5  # side of the central square, as a fraction of the crop: mostly the item itself
+_STEP = 2  # every other pixel each way: 56×56 of a 224 crop, ~0.15 ms (all of them: ~1.5 ms)
 _DARK = 12.75  # added to r + g + b (uint8 units): near-black pixels do not swing the chromaticity
 
 
@@ -29,10 +30,9 @@ def colour_signature(pixels: np.ndarray) -> np.ndarray:
         raise ValueError(f"colour_signature takes an S×S×3 crop, got shape {pixels.shape}")
     h, w = pixels.shape[:2]
     a, b = int(h * (1 - _CENTRE) / 2), int(w * (1 - _CENTRE) / 2)
-    c = pixels[a : h - a, b : w - b].astype(np.float32)
-    chroma = c / (c.sum(axis=2, keepdims=True) + _DARK)
-    flat = chroma.reshape(-1, 3)
-    return np.concatenate([flat.mean(axis=0), flat.std(axis=0)]).astype(np.float32)
+    c = pixels[a : h - a : _STEP, b : w - b : _STEP].reshape(-1, 3).astype(np.float32)
+    chroma = c / (c.sum(axis=1, keepdims=True) + _DARK)
+    return np.concatenate([chroma.mean(axis=0), chroma.std(axis=0)]).astype(np.float32)
 
 
 def encode(sig: np.ndarray) -> str:
