@@ -131,7 +131,7 @@ class DuplicateSettings(BaseModel):
     # cosine less colour_weight x the distance of their colour signatures
     # (cardigan/duplicates/score.py); also the range search's radius. Chosen from the
     # precision/recall curves of three planted sets (devkit/doubles.py, README "Double listings"):
-    # precision ≥ 0.97 on each at 0.9375
+    # precision ≥ 0.95 on each at 0.9375
     threshold: float = Field(0.9375, ge=-1.0, le=1.0)
     colour_weight: float = Field(1.2, ge=0.0)  # 0: the cosine alone (recall at 0.8-1.6 within ±0.03)
     # the cosine bar for image pairs without a signature (rows indexed before signatures existed,
