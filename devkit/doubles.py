@@ -343,7 +343,7 @@ def draw_curve(points: Sequence[Point], chosen: Point, path: Path, title: str) -
     d.text((L + 88, ly), "recall", fill=(214, 39, 40), font=font)
     d.text((L + 150, ly), f"default {chosen.threshold:.4f}: P {chosen.precision:.3f}  R {chosen.recall:.3f}", fill=(44, 160, 44), font=font)
     d.text((L, 12), title, fill="black", font=font)
-    d.text((W // 2 - 90, H - 20), "threshold (cosine of best image pair)", fill="black", font=font)
+    d.text((W // 2 - 150, H - 20), "threshold (best image pair: cosine less colour distance)", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
