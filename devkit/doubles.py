@@ -432,6 +432,8 @@ def measure(
     thresholds = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
     points = curve(scores, planted, thresholds)
     best = choose(points)
+    default = min(points, key=lambda p: abs(p.threshold - d.threshold))
+    default = default if abs(default.threshold - d.threshold) < 1e-6 else None
     return {
         "encoder": f"{backbone} weights={weights} size={image_size}",
         "scoring": f"colour_weight={weight} hits_per_image={k}",
@@ -443,6 +445,9 @@ def measure(
         "points": points,
         "chosen": best,
         "recall_by_kind": recall_by_kind(scores, planted, best.threshold),
+        # the configured threshold (duplicates.threshold), where the sweep has it
+        "default": default,
+        "recall_by_kind_default": recall_by_kind(scores, planted, default.threshold) if default else None,
         "seconds": round(time.perf_counter() - t, 1),
     }
 
@@ -465,25 +470,32 @@ def main(argv: list[str] | None = None) -> int:
         a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache,
         colour_weight=a.colour_weight, hits_per_image=a.hits_per_image,
     )  # fmt: skip
-    c = res["chosen"]
+    c, dflt = res["chosen"], res["default"]
     print(f"{res['encoder']} ({res['model_version']}), {res['scoring']}: {res['products']} products, {res['images']} images, "
           f"{res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives, {res['seconds']} s")  # fmt: skip
     print("| threshold | precision | recall | TP | FP (hard neg.) | FN |\n|---|---|---|---|---|---|")
     for p in res["points"]:
-        if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c:
-            print(
-                f"| {p.threshold:.4f}{' **default**' if p is c else ''} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |"
-            )
-    print(f"chosen {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
+        if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c or p is dflt:
+            mark = (" **default**" if p is dflt else "") + (" *best here*" if p is c else "")
+            print(f"| {p.threshold:.4f}{mark} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |")
+    print(f"best here {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
+    if dflt is not None:
+        print(
+            f"default {dflt.threshold:.4f}: precision {dflt.precision:.3f}, recall {dflt.recall:.3f}; by kind {res['recall_by_kind_default']}"
+        )
     if a.png:
         draw_curve(
             res["points"],
-            c,
+            dflt or c,
             a.png,
             f"double listings, {res['encoder']}: {res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives",
         )
     if a.json:
-        a.json.write_text(json.dumps({**res, "points": [p.__dict__ for p in res["points"]], "chosen": c.__dict__}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {**res, "points": [p.__dict__ for p in res["points"]], "chosen": c.__dict__, "default": dflt and dflt.__dict__}, indent=1
+            )
+        )
     return 0
 
 
