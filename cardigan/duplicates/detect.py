@@ -1,9 +1,9 @@
 """Find a batch of products' double listings in the index: one read by primary key, one range search.
 
 Two products are a candidate double listing when their best-matching pair of images scores
-above the threshold: the cosine less a colour-signature distance (cardigan/duplicates/score.py). A check replaces the product's pairs with what it finds now, so a
-modify that changed the photos drops the pairs that no longer hold, and a deleted product (no
-rows left) loses all of its pairs.
+above the threshold: the cosine less a colour-signature distance (cardigan/duplicates/score.py).
+A check replaces the product's pairs with what it finds now, so a modify that changed the photos
+drops the pairs that no longer hold, and a deleted product (no rows left) loses all of its pairs.
 """
 
 from __future__ import annotations
