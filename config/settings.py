@@ -129,9 +129,16 @@ class DuplicateSettings(BaseModel):
     """Double-listing detection: after a product's vectors are written, off the critical path."""
 
     enabled: bool = True  # a detector thread in each worker process drains the pending set
-    # Cosine score above which two products' best-matching images are one listing; chosen from
-    # the precision/recall curve of the planted set (devkit/doubles.py, README "Double listings")
-    threshold: float = Field(0.9725, ge=-1.0, le=1.0)
+    # Score above which two products' best-matching images are one listing: the image pair's
+    # cosine less colour_weight x the distance of their colour signatures
+    # (cardigan/duplicates/score.py); also the range search's radius. Chosen from the
+    # precision/recall curves of four planted sets (devkit/doubles.py, README "Double listings"):
+    # precision ≥ 0.96 on each at 0.94
+    threshold: float = Field(0.94, ge=-1.0, le=1.0)
+    colour_weight: float = Field(1.2, ge=0.0)  # 0: the cosine alone (recall at 0.8-1.6 within ±0.03)
+    # the cosine bar for image pairs without a signature (rows indexed before signatures existed,
+    # or crops decoded on the device): the vector-only default from before; at or above ``threshold``
+    vector_threshold: float = Field(0.9725, ge=-1.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
     # A detector not kept busy looks for work this often: products written meanwhile form one
     # batch (Milvus Lite costs ~25 ms per search call, so batches of 1-2 products would cost more

@@ -12,9 +12,11 @@ and listings we must *not* flag (hard negatives):
 - ``recolour``: the same design in another colour;
 - ``alike``: the same category and colours, another pattern.
 
-``measure`` embeds every photo with the encoder the workers use (same crop and resize), scores
-each pair of products by its best-matching pair of images (what the detector records) and
-reports precision and recall per threshold. ``python -m devkit.doubles`` prints the table and
+``measure`` embeds every photo with the encoder the workers use (same crop and resize) and takes
+its colour signature from the same crop, scores each pair of products with the detector's own
+function (cardigan/duplicates/score.py: the best image pair's cosine less the colour distance,
+over each image's ``hits_per_image`` nearest neighbours) and reports precision and recall per
+threshold. ``python -m devkit.doubles`` prints the table and
 draws the curve (docs/img/duplicates_pr.png).
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
-import itertools
 import json
 import sys
 import time
@@ -194,40 +195,69 @@ def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3
 # --------------------------------------------------------------------------- measurement
 
 
-def product_vectors(products: Sequence[SyntheticProduct], encoder: Any, *, size: int, batch: int = 32) -> dict[str, np.ndarray]:
-    """Each product's image embeddings, cropped and resized exactly as the workers do (the
-    localiser included, for busy photos without a box)."""
+def product_vectors(
+    products: Sequence[SyntheticProduct], encoder: Any, *, size: int, batch: int = 32
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each product's image embeddings and colour signatures, from crops made exactly as the
+    workers make them (the localiser included, for busy photos without a box)."""
     import torch
 
-    from cardigan.imaging.crop import preprocess
+    from cardigan.duplicates.signature import colour_signature
+    from cardigan.imaging.crop import preprocess_pixels
     from cardigan.imaging.localise import localiser_for
     from config.settings import CropSettings
     from encoder import Encoder
+    from encoder.normalise import normalise
 
     localiser = localiser_for(encoder, CropSettings()) if isinstance(encoder, Encoder) else None
 
     flat = [(p.product_id, img) for p in products for img in p.images]
     vecs: list[np.ndarray] = []
+    sigs: list[np.ndarray] = []
     for i in range(0, len(flat), batch):
-        tensors = [preprocess(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0] for _, img in flat[i : i + batch]]
-        vecs.append(encoder.embed(torch.stack(tensors)))
+        pixels = [
+            preprocess_pixels(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0]
+            for _, img in flat[i : i + batch]
+        ]
+        sigs += [colour_signature(px) for px in pixels]
+        vecs.append(encoder.embed(torch.stack([torch.from_numpy(normalise(px)) for px in pixels])))
     allv = np.concatenate(vecs) if vecs else np.empty((0, 512), np.float32)
     out: dict[str, list[np.ndarray]] = {}
-    for (pid, _), v in zip(flat, allv, strict=True):
+    out_sig: dict[str, list[np.ndarray]] = {}
+    for (pid, _), v, g in zip(flat, allv, sigs, strict=True):
         out.setdefault(pid, []).append(v)
-    return {pid: np.stack(v) for pid, v in out.items()}
+        out_sig.setdefault(pid, []).append(g)
+    return {pid: np.stack(v) for pid, v in out.items()}, {pid: np.stack(v) for pid, v in out_sig.items()}
 
 
-def pair_scores(vectors: dict[str, np.ndarray]) -> dict[frozenset[str], float]:
-    """Best image-to-image cosine of every pair of products (the detector's score)."""
+def pair_scores(
+    vectors: dict[str, np.ndarray], sigs: dict[str, np.ndarray] | None, scoring: Any, *, hits_per_image: int, radius: float
+) -> dict[frozenset[str], float]:
+    """Every pair's score as the detector computes it (cardigan/duplicates/score.best_pairs):
+    each image's hits are its ``hits_per_image`` nearest images above ``radius`` (its own and
+    its product's included, as in the index), signatures stored and read back as the rows keep
+    them. The detector checks the product written later; here each product is checked against
+    all the others and a pair keeps the better of its two directions."""
+    from cardigan.duplicates import signature
+    from cardigan.duplicates.score import best_pairs
+
     ids = sorted(vectors)
-    owner = np.concatenate([[k] * len(vectors[p]) for k, p in enumerate(ids)])
+    rows: list[dict[str, Any]] = []
+    for p in ids:
+        for i in range(len(vectors[p])):
+            crop = {"bbox": None} if sigs is None else {"bbox": None, signature.SIG_KEY: signature.encode(sigs[p][i])}
+            rows.append({"product_id": p, "image_index": i, "version": 1, "crop": crop})
     m = np.concatenate([vectors[p] for p in ids]).astype(np.float32)
     sims = m @ m.T
-    n = len(ids)
-    best = np.full((n, n), -2.0, np.float32)
-    np.maximum.at(best, (owner[:, None].repeat(len(owner), 1), owner[None, :].repeat(len(owner), 0)), sims)
-    return {frozenset((ids[a], ids[b])): float(best[a, b]) for a, b in itertools.combinations(range(n), 2)}
+    k = min(hits_per_image, len(rows))
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    hits = [[{**rows[j], "score": float(sims[i, j])} for j in top[i] if sims[i, j] > radius] for i in range(len(rows))]
+    out: dict[frozenset[str], float] = {}
+    for mine in best_pairs(rows, hits, scoring, at=0.0).values():
+        for pair in mine.values():
+            key = frozenset((pair.a, pair.b))
+            out[key] = max(out.get(key, -2.0), pair.score)
+    return out
 
 
 @dataclass(frozen=True)
@@ -313,10 +343,25 @@ def draw_curve(points: Sequence[Point], chosen: Point, path: Path, title: str) -
     d.text((L + 88, ly), "recall", fill=(214, 39, 40), font=font)
     d.text((L + 150, ly), f"default {chosen.threshold:.4f}: P {chosen.precision:.3f}  R {chosen.recall:.3f}", fill=(44, 160, 44), font=font)
     d.text((L, 12), title, fill="black", font=font)
-    d.text((W // 2 - 90, H - 20), "threshold (cosine of best image pair)", fill="black", font=font)
+    d.text((W // 2 - 150, H - 20), "threshold (best image pair: cosine less colour distance)", fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+class _nothing:
+    """An empty stand-in for an npz file (no cache)."""
+
+    files: list[str] = []
+
+    def __enter__(self) -> _nothing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        raise KeyError(key)
 
 
 class _TorchvisionTrunk:
@@ -354,10 +399,18 @@ def measure(
     hi: float = 1.0,
     step: float = 0.0025,
     cache_dir: str | None = None,
+    colour_weight: float | None = None,
+    hits_per_image: int | None = None,
 ) -> dict[str, Any]:
-    """The whole measurement for one encoder: catalog, planted listings, scores, curve."""
-    from config.settings import EncoderSettings
+    """The whole measurement for one encoder: catalog, planted listings, scores, curve.
+    ``colour_weight`` and ``hits_per_image`` default to the detector's settings."""
+    from cardigan.duplicates.score import Scoring
+    from config.settings import DuplicateSettings, EncoderSettings
     from encoder import build_encoder
+
+    d = DuplicateSettings()
+    weight = d.colour_weight if colour_weight is None else colour_weight
+    k = d.hits_per_image if hits_per_image is None else hits_per_image
 
     t = time.perf_counter()
     catalog = generate_catalog(n_products, seed=seed, prefix="pr")
@@ -367,20 +420,23 @@ def measure(
     else:
         enc = build_encoder(EncoderSettings(backbone=backbone, weights=weights, image_size=image_size)).load()
     cache = Path(cache_dir) / f"vectors-{n_products}-{seed}-{backbone.replace(':', '_')}-{weights}-{image_size}.npz" if cache_dir else None
-    if cache is not None and cache.is_file():
-        with np.load(cache) as z:
-            vecs = {k: z[k] for k in z.files}
-    else:
-        vecs = product_vectors(catalog + planted.products, enc, size=image_size)
+    with np.load(cache) if cache is not None and cache.is_file() else _nothing() as z:
+        vecs = {f: z[f] for f in z.files if not f.startswith("sig:")}
+        sigs = {f[4:]: z[f] for f in z.files if f.startswith("sig:")}
+    if not vecs or not sigs:  # no cache, or one from before signatures
+        vecs, sigs = product_vectors(catalog + planted.products, enc, size=image_size)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **vecs)
-    scores = pair_scores(vecs)
+            np.savez(cache, **vecs, **{f"sig:{p}": g for p, g in sigs.items()})
+    scores = pair_scores(vecs, sigs, Scoring(colour_weight=weight), hits_per_image=k, radius=lo)
     thresholds = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
     points = curve(scores, planted, thresholds)
     best = choose(points)
+    default = min(points, key=lambda p: abs(p.threshold - d.threshold))
+    default = default if abs(default.threshold - d.threshold) < 1e-6 else None
     return {
         "encoder": f"{backbone} weights={weights} size={image_size}",
+        "scoring": f"colour_weight={weight} hits_per_image={k}",
         "model_version": enc.model_version,
         "products": len(vecs),
         "images": sum(len(v) for v in vecs.values()),
@@ -389,6 +445,9 @@ def measure(
         "points": points,
         "chosen": best,
         "recall_by_kind": recall_by_kind(scores, planted, best.threshold),
+        # the configured threshold (duplicates.threshold), where the sweep has it
+        "default": default,
+        "recall_by_kind_default": recall_by_kind(scores, planted, default.threshold) if default else None,
         "seconds": round(time.perf_counter() - t, 1),
     }
 
@@ -404,27 +463,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", type=Path, default=None, help="draw the curve here")
     ap.add_argument("--json", type=Path, default=None, help="write the points here")
     ap.add_argument("--cache", default=None, help="keep the embeddings in this folder (re-scoring is then instant)")
+    ap.add_argument("--colour-weight", type=float, default=None, help="default: duplicates.colour_weight (0: cosine alone)")
+    ap.add_argument("--hits-per-image", type=int, default=None, help="default: duplicates.hits_per_image")
     a = ap.parse_args(argv)
-    res = measure(a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache)
-    c = res["chosen"]
-    print(f"{res['encoder']} ({res['model_version']}): {res['products']} products, {res['images']} images, "
+    res = measure(
+        a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache,
+        colour_weight=a.colour_weight, hits_per_image=a.hits_per_image,
+    )  # fmt: skip
+    c, dflt = res["chosen"], res["default"]
+    print(f"{res['encoder']} ({res['model_version']}), {res['scoring']}: {res['products']} products, {res['images']} images, "
           f"{res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives, {res['seconds']} s")  # fmt: skip
     print("| threshold | precision | recall | TP | FP (hard neg.) | FN |\n|---|---|---|---|---|---|")
     for p in res["points"]:
-        if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c:
-            print(
-                f"| {p.threshold:.4f}{' **default**' if p is c else ''} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |"
-            )
-    print(f"chosen {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
+        if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c or p is dflt:
+            mark = (" **default**" if p is dflt else "") + (" *best here*" if p is c else "")
+            print(f"| {p.threshold:.4f}{mark} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |")
+    print(f"best here {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
+    if dflt is not None:
+        print(
+            f"default {dflt.threshold:.4f}: precision {dflt.precision:.3f}, recall {dflt.recall:.3f}; by kind {res['recall_by_kind_default']}"
+        )
     if a.png:
         draw_curve(
             res["points"],
-            c,
+            dflt or c,
             a.png,
             f"double listings, {res['encoder']}: {res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives",
         )
     if a.json:
-        a.json.write_text(json.dumps({**res, "points": [p.__dict__ for p in res["points"]], "chosen": c.__dict__}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {**res, "points": [p.__dict__ for p in res["points"]], "chosen": c.__dict__, "default": dflt and dflt.__dict__}, indent=1
+            )
+        )
     return 0
 
 

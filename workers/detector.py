@@ -20,6 +20,7 @@ import redis
 
 from cardigan.duplicates.detect import Detector
 from cardigan.duplicates.pairs import Pair, PairStore
+from cardigan.duplicates.score import Scoring
 from cardigan.store.index import Index
 from config.settings import DuplicateSettings, Settings
 
@@ -147,7 +148,7 @@ def build_detector(settings: Settings, index: Index, state: redis.Redis) -> Dete
     """The loop for one worker process (its own clients are the pipeline's: thread-safe)."""
     d = settings.duplicates
     store = PairStore(state, settings.collection, lag_samples=d.lag_samples)
-    detector = Detector(index, store, threshold=d.threshold, max_images=settings.limits.max_images, hits_per_image=d.hits_per_image)
+    detector = Detector(index, store, threshold=d.threshold, max_images=settings.limits.max_images, hits_per_image=d.hits_per_image, scoring=Scoring.from_settings(d))
     return DetectorLoop(detector, store, d, publish=_queue_publisher(settings) if d.events_queue else None)
 
 

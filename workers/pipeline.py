@@ -19,6 +19,7 @@ from typing import Any, cast
 import numpy as np
 import redis
 
+from cardigan.duplicates import signature
 from cardigan.errors import IndexRejected, PermanentError
 from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.imaging.crop import preprocess_pixels
@@ -199,13 +200,13 @@ class Pipeline:
                 "product_id": ev.product_id,
                 "image_index": i,
                 "image_uri": img.uri,
-                "crop": {"bbox": list(img.bbox) if img.bbox else None},
+                "crop": _crop_doc(img, crop),
                 "version": ev.version,
                 "model_version": mv,
                 "attributes": ev.attributes,
                 "embedding": vec.tolist(),
             }
-            for i, (img, vec) in enumerate(zip(ev.images, vectors))
+            for i, (img, crop, vec) in enumerate(zip(ev.images, crops, vectors))
         ]
 
     def _embed(self, items: list[np.ndarray | ImageJob]) -> list[np.ndarray | PermanentError]:
@@ -224,3 +225,13 @@ class Pipeline:
             out = [c if isinstance(c, PermanentError) else next(vectors) for c in crops]
         log.debug("embedded %d images in %.1f ms", len(items), (time.perf_counter() - t0) * 1000)
         return out
+
+
+def _crop_doc(img: ImageRef, crop: np.ndarray | ImageJob) -> dict[str, Any]:
+    """The row's crop JSON: the bbox (a reindex crops again from it) and, when the crop was made
+    on this host, its colour signature for double-listing detection (cardigan/duplicates/signature.py;
+    a device-decoded crop never reaches the host, so its rows go without one)."""
+    doc: dict[str, Any] = {"bbox": list(img.bbox) if img.bbox else None}
+    if isinstance(crop, np.ndarray):
+        doc[signature.SIG_KEY] = signature.encode(signature.colour_signature(crop))
+    return doc

@@ -136,6 +136,7 @@ def scan_command(
 
     from cardigan.duplicates.detect import Detector
     from cardigan.duplicates.scan import scan, scan_state
+    from cardigan.duplicates.score import Scoring
     from cardigan.store.index import Index
 
     s = settings_or_exit()
@@ -148,13 +149,14 @@ def scan_command(
         total = index.count()
         before = scan_state(store.r, s.collection)
         resumed = before is not None and not before.get("done") and not restart
-        d = s.duplicates
+        d = s.duplicates if threshold is None else s.duplicates.model_copy(update={"threshold": threshold})
         det = Detector(
             index,
             store,
-            threshold=d.threshold if threshold is None else threshold,
+            threshold=d.threshold,
             max_images=s.limits.max_images,
             hits_per_image=d.hits_per_image,
+            scoring=Scoring.from_settings(d),
         )
         t0 = time.monotonic()
         cols = (

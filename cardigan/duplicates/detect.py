@@ -1,9 +1,9 @@
 """Find a batch of products' double listings in the index: one read by primary key, one range search.
 
 Two products are a candidate double listing when their best-matching pair of images scores
-above the threshold (cosine). A check replaces the product's pairs with what it finds now, so a
-modify that changed the photos drops the pairs that no longer hold, and a deleted product (no
-rows left) loses all of its pairs.
+above the threshold: the cosine less a colour-signature distance (cardigan/duplicates/score.py).
+A check replaces the product's pairs with what it finds now, so a modify that changed the photos
+drops the pairs that no longer hold, and a deleted product (no rows left) loses all of its pairs.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ import time
 from dataclasses import dataclass, field
 
 from cardigan.duplicates.pairs import Pair, PairStore
+from cardigan.duplicates.score import Scoring
+from cardigan.duplicates.score import best_pairs as _score_pairs
 from cardigan.event import primary_key
 from cardigan.store.index import Index
 
-ROW_FIELDS = ["pk", "product_id", "image_index", "version", "embedding"]
-HIT_FIELDS = ["product_id", "image_index", "version"]
+ROW_FIELDS = ["pk", "product_id", "image_index", "version", "embedding", "crop"]  # crop: the colour signature
+HIT_FIELDS = ["product_id", "image_index", "version", "crop"]
 MAX_NQ = 1024  # query vectors per search call (a server caps nq at 16,384; smaller calls time out less)
 
 
@@ -30,29 +32,21 @@ class CheckResult:
     seconds: float = 0.0
 
 
-def best_pairs(rows: list[dict], hits: list[list[dict]], at: float | None = None) -> dict[str, dict[str, Pair]]:
-    """Per checked product, its best pair with every other product it hit (pure: unit-tested)."""
-    best: dict[str, dict[str, Pair]] = {}
-    for row, row_hits in zip(rows, hits, strict=True):
-        pid = str(row["product_id"])
-        mine = best.setdefault(pid, {})
-        for h in row_hits:
-            other = str(h["product_id"])
-            if other == pid:
-                continue
-            cur = mine.get(other)
-            if cur is None or h["score"] > cur.score:
-                mine[other] = Pair.of(
-                    pid, other, h["score"], int(row["version"]), int(h["version"]), int(row["image_index"]), int(h["image_index"]), at
-                )
-    return best
+def best_pairs(
+    rows: list[dict], hits: list[list[dict]], at: float | None = None, scoring: Scoring | None = None
+) -> dict[str, dict[str, Pair]]:
+    """Per checked product, its best pair with every other product it hit (score.best_pairs)."""
+    return _score_pairs(rows, hits, scoring or Scoring(), at)
 
 
 class Detector:
     """Checks products against the rest of the alias and records what it finds in a PairStore."""
 
-    def __init__(self, index: Index, store: PairStore, *, threshold: float, max_images: int, hits_per_image: int = 8) -> None:
+    def __init__(
+        self, index: Index, store: PairStore, *, threshold: float, max_images: int, hits_per_image: int = 8, scoring: Scoring | None = None
+    ) -> None:
         self.index = index
+        self.scoring = scoring or Scoring()
         self.store = store
         self.threshold = threshold
         self.max_images = max_images
@@ -73,7 +67,7 @@ class Detector:
             hits += self.index.range_search(
                 [r["embedding"] for r in chunk], self.threshold, self.hits_per_image, fields=HIT_FIELDS, consistency="Strong"
             )
-        best = best_pairs(rows, hits)
+        best = best_pairs(rows, hits, scoring=self.scoring)
         found = {pid: sorted(best.get(pid, {}).values(), key=lambda p: -p.score) for pid in pids}
         added, dropped, fresh = self.store.replace(found)
         return CheckResult(len(pids), len(rows), added, dropped, fresh, time.perf_counter() - t0)
