@@ -140,6 +140,9 @@ class DuplicateSettings(BaseModel):
     # Milvus Lite post-filters 5x this many candidates per query (its search cost grows with it)
     hits_per_image: int = Field(8, ge=1, le=1024)
     lag_samples: int = Field(10_000, ge=0)  # lag samples kept in Redis for status and bench
+    # products whose written rows a worker keeps for its detector (a check of one needs no
+    # read-back from Milvus); oldest dropped first; ~2 kB per image at 512 dims
+    cached_products: int = Field(4096, ge=0)
     # a broker queue that gets one JSON message per new group (for seller review); empty: none
     events_queue: str = ""
 
