@@ -118,8 +118,9 @@ class ServeSettings(BaseModel):
     token: SecretStr = SecretStr("")  # bearer token; required when host is not loopback
     max_in_flight: int = Field(64, ge=1)  # queries admitted at once; more get 503 + Retry-After
     max_k: int = Field(100, ge=1, le=1000)
-    duplicate_threshold: float = Field(0.95, ge=-1.0, le=1.0)  # cosine score for "near-duplicate"
-    duplicates_scan: int = Field(5000, ge=1)  # vectors /v1/duplicates reads at most (a bounded scan)
+    # cosine score for "near-duplicate" in /v1/duplicates: the recorded pairs (duplicates.threshold
+    # and up) at least this
+    duplicate_threshold: float = Field(0.95, ge=-1.0, le=1.0)
     search_batch: int = Field(64, ge=1)  # query vectors per Milvus search call
 
 
