@@ -132,10 +132,12 @@ class DuplicateSettings(BaseModel):
     # the precision/recall curve of the planted set (devkit/doubles.py, README "Double listings")
     threshold: float = Field(0.9725, ge=-1.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
-    # A detector not kept busy looks for work this often: products written meanwhile form one
-    # batch (Milvus Lite costs ~25 ms per search call, so batches of 1-2 products would cost more
-    # than the indexing itself); it adds at most this much to the detection lag
-    poll_ms: float = Field(250.0, ge=1, le=60_000)
+    # A batch not full waits until its oldest product has been due this long: products written
+    # meanwhile join it (Milvus Lite costs ~25 ms of CPU per search call whatever its size, so
+    # batches of 1-2 products would cost more than the indexing itself); it adds at most this
+    # much to the detection lag. A full batch goes at once.
+    linger_ms: float = Field(750.0, ge=0, le=60_000)
+    poll_ms: float = Field(250.0, ge=1, le=60_000)  # how often an idle detector looks for work
     retry_s: float = Field(10.0, ge=0.1)  # a claimed batch not finished in this time is retried
     # range-search hits kept per image: one hit per other listing is enough for a pair, and
     # Milvus Lite post-filters 5x this many candidates per query (its search cost grows with it)

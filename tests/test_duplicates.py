@@ -113,6 +113,20 @@ def test_pending_claim_retry_and_requeue(store: PairStore) -> None:
     assert store.lags()[0] >= 500
 
 
+def test_a_batch_not_full_lingers_until_its_oldest_product_has_waited(store: PairStore) -> None:
+    assert store.claim_versions(3, retry_s=5, linger_ms=400)[2] is None  # nothing due: no batch to wait for
+    store.enqueue({"a": 1, "b": 2}, {"a": 4})
+    got, _, wait = store.claim_versions(3, retry_s=5, linger_ms=400)
+    assert got == {} and 0.3 < wait <= 0.4  # two of three: the batch waits for more
+    store.enqueue({"c": 3})
+    got, token, wait = store.claim_versions(3, retry_s=5, linger_ms=400)
+    assert got == {"a": 4, "b": None, "c": None} and wait == 0  # full: claimed at once
+    assert sorted(store.done(list(got), token, checked=3)) == sorted(store.lags(3)) and store.counts() == {"checked": 3}
+    store.enqueue({"d": 4})
+    time.sleep(0.45)
+    assert list(store.claim_versions(3, retry_s=5, linger_ms=400)[0]) == ["d"]  # waited long enough
+
+
 # -- the detector loop (real Valkey and Milvus Lite server) -------------------------------------
 
 
@@ -208,12 +222,12 @@ def test_written_products_are_queued_before_the_ack_and_checked_from_the_writers
     index = CountingIndex(stack.milvus_uri, alias=store.alias)
     try:
         live = index.ensure()
-        loop = DetectorLoop(Detector(index, store, threshold=0.99, max_images=4), store, DuplicateSettings())  # not started
+        loop = DetectorLoop(Detector(index, store, threshold=0.99, max_images=4), store, DuplicateSettings(linger_ms=0))  # not started
         writer = IndexWriter(index, VersionGuard(store.r), store.r, max_images=4, live=live, handoff=loop)
         vec = [1.0] + [0.0] * 511
         assert writer.write_batch([_upsert("x", 3, vec), _upsert("y", 5, vec), _upsert("z", 1, [0.0, 1.0] + [0.0] * 510)]) == ["applied"] * 3
         assert store.pending() == 3  # in Redis when write_batch returns, i.e. before the events are acked
-        claimed, token = store.claim_versions(10, retry_s=0.3)
+        claimed, token, _ = store.claim_versions(10, retry_s=0.3)
         assert claimed == {"x": 3, "y": 5, "z": 1}
         store.done(list(claimed), token + 1)  # not done (a stale token): still pending
         time.sleep(0.35)

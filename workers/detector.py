@@ -70,6 +70,7 @@ class DetectorLoop:
         self._rows: dict[str, tuple[int, list[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wait_s: float | None = None  # until the pending batch is ready (None: nothing pending)
         self._thread = threading.Thread(target=self._run, name="duplicates", daemon=True)
 
     def start(self) -> DetectorLoop:
@@ -142,16 +143,17 @@ class DetectorLoop:
             return False
 
     def run_once(self) -> int:
-        """One round: flush, claim, check, mark done; returns products checked (0: idle)."""
+        """One round: flush, claim, check, mark done; returns products checked (0: none ready)."""
         if not self._flush():
             raise ConnectionError("state store unreachable")
-        claimed, token = self.store.claim_versions(self.cfg.batch_size, self.cfg.retry_s)
+        claimed, token, self._wait_s = self.store.claim_versions(self.cfg.batch_size, self.cfg.retry_s, self.cfg.linger_ms)
         if not claimed:
             return 0
         known = self._known(claimed)
         pids = list(claimed)
         res = self.detector.check(pids, known)
-        lags = self.store.done(pids, token)
+        counts = {"checked": res.products, "pairs_added": res.added, "pairs_dropped": res.dropped, "groups_new": len(res.new_groups)}
+        lags = self.store.done(pids, token, **counts)
         self._forget(known)
         st = self.stats
         st.batches += 1
@@ -165,7 +167,6 @@ class DetectorLoop:
         st.lag_sum_s += sum(lags) / 1000
         st.reads += res.read
         st.searches += res.searches
-        self.store.add_counts(checked=res.products, pairs_added=res.added, pairs_dropped=res.dropped, groups_new=len(res.new_groups))
         for g in res.new_groups:
             self._announce(g)
         return res.products
@@ -196,8 +197,8 @@ class DetectorLoop:
                 log.warning("duplicate detection failed (retrying in %.1f s): %s", backoff, e)
                 self._stop.wait(backoff)
                 continue
-            if busy < self.cfg.batch_size:  # not saturated: let the next batch gather for a poll
-                self._stop.wait(self.cfg.poll_ms / 1000)
+            if not busy:  # nothing ready: wait until the pending batch is (or for a poll, when none is)
+                self._stop.wait(self.cfg.poll_ms / 1000 if self._wait_s is None else min(self._wait_s, self.cfg.poll_ms / 1000))
 
 
 def build_detector(settings: Settings, index: Index, state: redis.Redis) -> DetectorLoop:

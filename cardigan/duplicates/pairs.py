@@ -72,30 +72,44 @@ class Pair:
 
 
 # Claim up to ARGV[2] products due at ARGV[1] (ms): push their due time to ARGV[3]; returns
-# [member, newest version queued or false, ...]. One script, so two detectors never claim the
-# same product at once.
+# {0, member, newest version queued or false, ...}. A batch not full is claimed only once its
+# oldest product has been due for ARGV[4] ms (the linger: fewer, larger batches); until then it
+# returns {ms left}. One script, so two detectors never claim the same product at once.
 _CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
-for _, m in ipairs(due) do
+local now, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, n)
+if #due == 0 then return {-1} end
+local wait = tonumber(due[2]) + tonumber(ARGV[4]) - now
+if #due < 2 * n and wait > 0 then return {wait} end
+local out = {0}
+for i = 1, #due, 2 do
+  local m = due[i]
   redis.call('ZADD', KEYS[1], ARGV[3], m)
   out[#out + 1] = m
   out[#out + 1] = redis.call('ZSCORE', KEYS[2], m)
 end
 return out
 """
-# Remove the products whose due time is still our claim's (a write since then re-queued them);
-# returns the publish times (ms) of those removed.
+# Remove the products whose due time is still our claim's (a write since then re-queued them),
+# keep their lags (ms since publish: ARGV[2] is now) in a capped list and add the counters; one
+# round trip. ARGV: token, now, lag cap, number of counters, counter/value pairs, products.
+# Returns the lags of the products removed.
 _DONE = """
+local token, now, cap, nc = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i = 5, 4 + 2 * nc, 2 do redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1]) end
 local out = {}
-for i = 2, #ARGV do
-  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == tonumber(ARGV[1]) then
+for i = 5 + 2 * nc, #ARGV do
+  if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[i])) == token then
     local since = redis.call('HGET', KEYS[2], ARGV[i])
     redis.call('ZREM', KEYS[1], ARGV[i])
     redis.call('HDEL', KEYS[2], ARGV[i])
     redis.call('ZREM', KEYS[3], ARGV[i])
-    if since then out[#out + 1] = since end
+    if since then out[#out + 1] = math.max(0, now - tonumber(since)) end
   end
+end
+if #out > 0 and cap > 0 then
+  redis.call('LPUSH', KEYS[5], unpack(out))
+  redis.call('LTRIM', KEYS[5], 0, cap - 1)
 end
 return out
 """
@@ -194,33 +208,36 @@ class PairStore:
 
     def claim(self, n: int, retry_s: float) -> tuple[list[str], int]:
         """Up to ``n`` due products and the claim's token (their new due time)."""
-        got, token = self.claim_versions(n, retry_s)
+        got, token, _ = self.claim_versions(n, retry_s)
         return list(got), token
 
-    def claim_versions(self, n: int, retry_s: float) -> tuple[dict[str, int | None], int]:
+    def claim_versions(self, n: int, retry_s: float, linger_ms: float = 0) -> tuple[dict[str, int | None], int, float]:
         """Up to ``n`` due products, each with the newest version queued for it (None: queued
-        without one, e.g. by a retry or a scan), and the claim's token (their new due time)."""
+        without one, e.g. by a retry or a scan), the claim's token (their new due time), and
+        when nothing is claimed, how long to wait (s) before a batch is ready (None: none due).
+
+        ``linger_ms``: fewer than ``n`` due products are claimed only once the oldest has been
+        due that long (each search call has a fixed cost: fewer, fuller batches)."""
         now = int(time.time() * 1000)
         token = now + int(retry_s * 1000)
-        got = self._claim(keys=[self.pending_key, self.version_key], args=[now, n, token])
+        got = self._claim(keys=[self.pending_key, self.version_key], args=[now, n, token, int(linger_ms)])
+        if int(got[0]) != 0:
+            wait = float(got[0])
+            return {}, token, (None if wait < 0 else wait / 1000)  # type: ignore[return-value]
         out: dict[str, int | None] = {}
-        for m, v in zip(got[::2], got[1::2]):
-            out[m.decode() if isinstance(m, bytes) else str(m)] = None if v is None else int(float(v))
-        return out, token
+        for m, v in zip(got[1::2], got[2::2]):
+            out[_text(m)] = None if v is None else int(float(v))
+        return out, token, 0.0
 
-    def done(self, product_ids: list[str], token: int) -> list[int]:
-        """Mark a claimed batch checked; returns the lag (ms since publish) of each product removed."""
-        if not product_ids:
+    def done(self, product_ids: list[str], token: int, **counts: int) -> list[int]:
+        """Mark a claimed batch checked and add ``counts`` to the counters (one round trip);
+        returns the lag (ms since publish) of each product removed."""
+        nonzero = [x for k, v in counts.items() if v for x in (k, v)]
+        if not product_ids and not nonzero:
             return []
-        since = self._done(keys=[self.pending_key, self.since_key, self.version_key], args=[token, *product_ids])
-        now = int(time.time() * 1000)
-        lags = [max(0, now - int(s)) for s in since]
-        if lags and self.lag_samples:
-            pipe = self.r.pipeline(transaction=False)
-            pipe.lpush(self.lag_key, *lags)
-            pipe.ltrim(self.lag_key, 0, self.lag_samples - 1)
-            pipe.execute()
-        return lags
+        keys = [self.pending_key, self.since_key, self.version_key, self.counts_key, self.lag_key]
+        args = [token, int(time.time() * 1000), self.lag_samples, len(nonzero) // 2, *nonzero, *product_ids]
+        return [int(x) for x in self._done(keys=keys, args=args)]
 
     def pending(self) -> int:
         return int(self.r.zcard(self.pending_key))  # type: ignore[arg-type]
