@@ -152,7 +152,10 @@ class DetectorLoop:
         known = self._known(claimed)
         pids = list(claimed)
         res = self.detector.check(pids, known)
-        counts = {"checked": res.products, "pairs_added": res.added, "pairs_dropped": res.dropped, "groups_new": len(res.new_groups)}
+        counts = {
+            "checked": res.products, "pairs_added": res.added, "pairs_dropped": res.dropped, "groups_new": len(res.new_groups),
+            "batches": 1, "searches": res.searches, "read_back": res.read,
+        }  # fmt: skip
         lags = self.store.done(pids, token, **counts)
         self._forget(known)
         st = self.stats
