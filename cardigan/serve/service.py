@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cardigan import procstat
+from cardigan.duplicates.groups import groups as find_groups
 from cardigan.duplicates.pairs import PairStore
 from cardigan.errors import IndexUnavailable, InvalidEvent
 from cardigan.event import primary_key
@@ -246,21 +247,24 @@ class SearchService:
         assert self.pairs is not None
         pairs = [p for p in await self._run(self.pairs.pairs_of, product_id) if p.score >= self.duplicate_threshold][:k]
         matched = {p.other(product_id): (p.b_image if p.other(product_id) == p.b else p.a_image, p.score) for p in pairs}
-        keys = [primary_key(product_id, 0)] + [primary_key(o, i) for o, (i, _) in matched.items()]
+        keys = [primary_key(product_id, 0)] + sorted({primary_key(o, j) for o, (i, _) in matched.items() for j in (i, 0)})
         rows = await self._run(lambda: self._index().get(keys, OUTPUT_FIELDS))
         if not any(r["product_id"] == product_id for r in rows):
             raise BadRequest(f"product {product_id!r} is not in the index", field="product_id", status=404)
-        # a pair of a product deleted since is dropped by the next check: left out meanwhile
-        hits = [Hit.from_row({**r, "score": matched[r["product_id"]][1]}) for r in rows if r["product_id"] in matched]
+        # the image that matched (image 0 if the product has fewer images since); a pair of a
+        # product deleted since is dropped by its next check: left out meanwhile
+        shown: dict[str, dict[str, Any]] = {}
+        for r in sorted(rows, key=lambda r: r["image_index"] != matched.get(r["product_id"], (0, 0))[0]):
+            if r["product_id"] in matched:
+                shown.setdefault(r["product_id"], r)
+        hits = [Hit.from_row({**r, "score": matched[pid][1]}) for pid, r in shown.items()]
         return sorted(hits, key=lambda h: (-h.score, h.product_id))
 
     async def duplicate_groups(self, *, limit: int) -> tuple[list[DuplicateGroup], int]:
         """The recorded groups (largest, then strongest, first) and how many pairs are recorded."""
         assert self.pairs is not None
         pairs = list(await self._run(lambda: list(self.pairs.all_pairs())))  # type: ignore[union-attr]
-        from cardigan.duplicates.groups import groups
-
-        found = groups(pairs, min_score=self.duplicate_threshold)
+        found = find_groups(pairs, min_score=self.duplicate_threshold)
         return [DuplicateGroup(list(g.members), g.best.score) for g in found[:limit]], len(pairs)
 
     async def products(self, ids: list[str]) -> dict[str, Hit]:
