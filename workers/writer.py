@@ -294,7 +294,10 @@ class IndexWriter:
                 pipe.execute()
             queued = True
         except redis.RedisError:
-            log.warning("written products not queued for duplicate detection: kept in memory", exc_info=True)
+            if self._handoff is None or not since:
+                log.debug("freshness not recorded", exc_info=True)
+            else:
+                log.warning("written products not queued for duplicate detection: kept in memory", exc_info=True)
         if self._handoff is None or not since:
             return
         rows = {pid: (op.version, op.rows if op.kind == "upsert" else []) for pid, op in live.items()}
