@@ -693,7 +693,7 @@ def detection_cost(
             out["duplicates_pairs_found"] = store.count()
             # the detector's work for these events: search calls, and products read back from Milvus
             done = {k: v - counts0.get(k, 0) for k, v in store.counts().items()}
-            out["duplicates_checks"] = {k: done.get(k, 0) for k in ("checked", "batches", "searches", "read_back")}
+            out["duplicates_checks"] = {k: done.get(k, 0) for k in ("checked", "batches", "searches", "read_back", "thread_cpu_us")}
         ph.close()
     off, on_ = out["cpu_ms_per_image_dup_off"], out["cpu_ms_per_image_dup_on"]
     out["duplicates_cpu_overhead_pct"] = round(100 * (on_ - off) / off, 1) if off else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +147,7 @@ class DetectorLoop:
         """One round: flush, claim, check, mark done; returns products checked (0: none ready)."""
         if not self._flush():
             raise ConnectionError("state store unreachable")
+        cpu0 = time.thread_time()
         claimed, token, self._wait_s = self.store.claim_versions(self.cfg.batch_size, self.cfg.retry_s, self.cfg.linger_ms)
         if not claimed:
             return 0
@@ -155,6 +157,7 @@ class DetectorLoop:
         counts = {
             "checked": res.products, "pairs_added": res.added, "pairs_dropped": res.dropped, "groups_new": len(res.new_groups),
             "batches": 1, "searches": res.searches, "read_back": res.read,
+            "thread_cpu_us": int((time.thread_time() - cpu0) * 1e6),  # this thread's own, not gRPC's
         }  # fmt: skip
         lags = self.store.done(pids, token, **counts)
         self._forget(known)
