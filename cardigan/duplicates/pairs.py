@@ -12,9 +12,12 @@ before its events are acked: no window where a killed worker loses a product to 
 product it records the newest version queued, so a detector that holds that version's rows in
 memory (it wrote them) can skip reading them back from Milvus.
 
-Pairs are replaced atomically (one script per batch), so two detectors recording pairs of the
-same products at once cannot both see a product as unpaired: see ``replace`` for which groups
-count as new.
+Pairs are replaced atomically (one script per batch). Announcing: a group is **new** (announced
+once, with all its members) when the pairs a batch added connect products none of which was
+paired before that batch; a pair that joins a product to an existing group, or merges groups,
+updates that group and is not announced. "Paired before" is read inside the same script that
+writes the links, so two detectors recording pairs of the same products at once cannot both
+call one group new.
 """
 
 from __future__ import annotations
