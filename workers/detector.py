@@ -87,7 +87,9 @@ class DetectorLoop:
         """Add the queueing of written products to the writer's own pipeline (no extra round trip)."""
         self.store.queue_into(pipe, since_ms, versions)
 
-    def note(self, since_ms: dict[str, int], rows: dict[str, tuple[int, list[dict[str, Any]]]] | None = None, *, queued: bool = False) -> None:
+    def note(
+        self, since_ms: dict[str, int], rows: dict[str, tuple[int, list[dict[str, Any]]]] | None = None, *, queued: bool = False
+    ) -> None:
         """Products whose vectors were just written or deleted (called by the writer, no I/O).
 
         ``rows``: product -> (version, its rows; [] when deleted) as written, kept so a check of
@@ -181,7 +183,13 @@ class DetectorLoop:
         """One message per new group (PairStore.replace says which are new), with all its members."""
         if self.publish is None:
             return
-        doc = {"event": "duplicate_group", "alias": self.store.alias, "id": g.id, "members": list(g.members), "best": json.loads(g.best.to_json())}
+        doc = {
+            "event": "duplicate_group",
+            "alias": self.store.alias,
+            "id": g.id,
+            "members": list(g.members),
+            "best": json.loads(g.best.to_json()),
+        }
         try:
             self.publish(json.dumps(doc))
         except Exception as e:  # noqa: BLE001 - the pairs are recorded; the announcement is best effort
