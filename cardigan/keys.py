@@ -15,6 +15,7 @@ REINDEX_STATE_KEY = "cardigan:reindex:{alias}"  # a reindex run's phase and targ
 REINDEX_DONE_KEY = "cardigan:reindex:{alias}:chunks"  # chunks a reindex has copied (resume)
 # double listings (cardigan/duplicates): products waiting for a check, found pairs, backfill cursor
 DUP_PENDING_KEY = "cardigan:dup:pending:{alias}"  # ZSET product_id -> when it is due (ms); writers add, detectors drain
+DUP_VERSION_KEY = "cardigan:dup:version:{alias}"  # ZSET product_id -> newest version queued (a writer holds its rows)
 DUP_SINCE_KEY = "cardigan:dup:since:{alias}"  # HASH product_id -> publish (or write) time, ms: detection lag
 DUP_PAIRS_KEY = "cardigan:dup:pairs:{alias}"  # HASH "<a>\x1f<b>" (a < b) -> JSON evidence
 DUP_LINKS_KEY = "cardigan:dup:links:{alias}:{product_id}"  # SET: the products paired with one product

@@ -120,8 +120,9 @@ class ServeSettings(BaseModel):
     token: SecretStr = SecretStr("")  # bearer token; required when host is not loopback
     max_in_flight: int = Field(64, ge=1)  # queries admitted at once; more get 503 + Retry-After
     max_k: int = Field(100, ge=1, le=1000)
-    duplicate_threshold: float = Field(0.95, ge=-1.0, le=1.0)  # cosine score for "near-duplicate"
-    duplicates_scan: int = Field(5000, ge=1)  # vectors /v1/duplicates reads at most (a bounded scan)
+    # /v1/duplicates shows the recorded pairs (they score duplicates.threshold and up) that score at
+    # least this; 0: all of them (a stricter bar for a review page that wants fewer, surer pairs)
+    duplicate_threshold: float = Field(0.0, ge=-1.0, le=1.0)
     search_batch: int = Field(64, ge=1)  # query vectors per Milvus search call
 
 
@@ -140,15 +141,20 @@ class DuplicateSettings(BaseModel):
     # or crops decoded on the device): the vector-only default from before; at or above ``threshold``
     vector_threshold: float = Field(0.9725, ge=-1.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=1024)  # products per detection batch (one search call)
-    # A detector not kept busy looks for work this often: products written meanwhile form one
-    # batch (Milvus Lite costs ~25 ms per search call, so batches of 1-2 products would cost more
-    # than the indexing itself); it adds at most this much to the detection lag
-    poll_ms: float = Field(250.0, ge=1, le=60_000)
+    # A batch not full waits until its oldest product has been due this long: products written
+    # meanwhile join it (Milvus Lite costs ~25 ms of CPU per search call whatever its size, so
+    # batches of 1-2 products would cost more than the indexing itself); it adds at most this
+    # much to the detection lag. A full batch goes at once.
+    linger_ms: float = Field(750.0, ge=0, le=60_000)
+    poll_ms: float = Field(250.0, ge=1, le=60_000)  # how often an idle detector looks for work
     retry_s: float = Field(10.0, ge=0.1)  # a claimed batch not finished in this time is retried
     # range-search hits kept per image: one hit per other listing is enough for a pair, and
     # Milvus Lite post-filters 5x this many candidates per query (its search cost grows with it)
     hits_per_image: int = Field(8, ge=1, le=1024)
     lag_samples: int = Field(10_000, ge=0)  # lag samples kept in Redis for status and bench
+    # products whose written rows a worker keeps for its detector (a check of one needs no
+    # read-back from Milvus); oldest dropped first; ~2 kB per image at 512 dims
+    cached_products: int = Field(4096, ge=0)
     # a broker queue that gets one JSON message per new group (for seller review); empty: none
     events_queue: str = ""
 

@@ -705,6 +705,7 @@ def detection_cost(
         _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "warm-up checks", interval=0.05)  # noqa: B023
         who = {"worker": [p.pid for p in ph.procs], **{k: [v] for k, v in servers.items()}}
         cpu0 = {k: sum(cpu_s(p) for p in pids) for k, pids in who.items()}
+        counts0 = store.counts()
         run_through(ph, events, images, expect_rows=expect_rows, progress=progress, label=name, timeout=opts.drain_timeout_s, servers=servers)
         _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "duplicate detection to catch up", interval=0.05)  # noqa: B023
         cpu = {k: 1000 * (sum(cpu_s(p) for p in pids) - cpu0[k]) / images for k, pids in who.items()}
@@ -712,6 +713,9 @@ def detection_cost(
         out[f"cpu_ms_per_image_{name}_by_process"] = {k: round(v, 2) for k, v in sorted(cpu.items())}
         if on:
             out["duplicates_pairs_found"] = store.count()
+            # the detector's work for these events: search calls, and products read back from Milvus
+            done = {k: v - counts0.get(k, 0) for k, v in store.counts().items()}
+            out["duplicates_checks"] = {k: done.get(k, 0) for k in ("checked", "batches", "searches", "read_back", "thread_cpu_us")}
         ph.close()
     off, on_ = out["cpu_ms_per_image_dup_off"], out["cpu_ms_per_image_dup_on"]
     out["duplicates_cpu_overhead_pct"] = round(100 * (on_ - off) / off, 1) if off else None

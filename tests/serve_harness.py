@@ -75,6 +75,9 @@ def index_catalog(ns: Namespace, catalog: list[SyntheticProduct], extra: Sequenc
             for e in events.values():
                 res = pipe.handle(e)
                 assert res.outcome == "applied", (e["product_id"], res)
+            if pipe.detector is not None:  # /v1/duplicates shows what detection recorded
+                store = pipe.detector.store
+                wait_until(lambda: store.pending() == 0, 60, "duplicate detection of the catalog")
         finally:
             pipe.close()
     return events

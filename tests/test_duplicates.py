@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -75,7 +76,7 @@ def store(stack: StackInfo) -> PairStore:
 
 def test_replace_adds_drops_and_reports_new_groups(store: PairStore) -> None:
     added, dropped, fresh = store.replace({"a": [P("a", "b", 0.97)]})
-    assert (added, dropped, [p.key for p in fresh]) == (1, 0, [P("a", "b", 0).key])
+    assert (added, dropped, [g.members for g in fresh]) == (1, 0, [("a", "b")])
     assert [p.b for p in store.pairs_of("a")] == ["b"] and [p.a for p in store.pairs_of("b")] == ["a"]
     # c joins the existing group through b: a new pair, not a new group
     added, dropped, fresh = store.replace({"c": [P("c", "b", 0.96)]})
@@ -92,7 +93,7 @@ def test_replace_adds_drops_and_reports_new_groups(store: PairStore) -> None:
 
 def test_one_batch_that_finds_three_listings_announces_one_group(store: PairStore) -> None:
     added, _, fresh = store.replace({"a": [P("a", "b", 0.99), P("a", "c", 0.98)], "b": [P("b", "a", 0.99), P("b", "c", 0.97)]})
-    assert added == 3 and len(fresh) == 1
+    assert added == 3 and [g.members for g in fresh] == [("a", "b", "c")]
     assert {g.members for g in groups(store.all_pairs())} == {("a", "b", "c")}
 
 
@@ -110,6 +111,20 @@ def test_pending_claim_retry_and_requeue(store: PairStore) -> None:
     time.sleep(0.4)  # a failed check is not marked done: claimable again after retry_s
     assert store.claim(10, retry_s=0.3)[0] == ["b"]
     assert store.lags()[0] >= 500
+
+
+def test_a_batch_not_full_lingers_until_its_oldest_product_has_waited(store: PairStore) -> None:
+    assert store.claim_versions(3, retry_s=5, linger_ms=400)[2] is None  # nothing due: no batch to wait for
+    store.enqueue({"a": 1, "b": 2}, {"a": 4})
+    got, _, wait = store.claim_versions(3, retry_s=5, linger_ms=400)
+    assert got == {} and 0 < wait <= 0.4  # two of three: the batch waits for more
+    store.enqueue({"c": 3})
+    got, token, wait = store.claim_versions(3, retry_s=5, linger_ms=400)
+    assert got == {"a": 4, "b": None, "c": None} and wait == 0  # full: claimed at once
+    assert sorted(store.done(list(got), token, checked=3)) == sorted(store.lags(3)) and store.counts() == {"checked": 3}
+    store.enqueue({"d": 4})
+    time.sleep(0.45)
+    assert list(store.claim_versions(3, retry_s=5, linger_ms=400)[0]) == ["d"]  # waited long enough
 
 
 # -- the detector loop (real Valkey and Milvus Lite server) -------------------------------------
@@ -158,4 +173,80 @@ def test_a_failed_check_is_counted_and_retried_until_it_succeeds(stack: StackInf
         assert store.pending() == 0 and loop.stats.pairs_added == 1
     finally:
         loop.stop()
+        index.close()
+
+
+def test_pairs_merging_groups_across_batches_announce_no_new_group(store: PairStore) -> None:
+    """A group is new once: a later batch that joins a product to it, or merges two groups, updates it."""
+    assert [g.members for g in store.replace({"a": [P("a", "b", 0.99)]})[2]] == [("a", "b")]
+    assert [g.members for g in store.replace({"c": [P("c", "d", 0.99)]})[2]] == [("c", "d")]
+    assert store.replace({"b": [P("b", "a", 0.99), P("b", "c", 0.98)]})[2] == []  # merges {a,b} and {c,d}
+    assert store.replace({"e": [P("e", "d", 0.98)]})[2] == []  # joins it
+    assert {g.members for g in store.groups()} == {("a", "b", "c", "d", "e")}
+    # a new group whose pairs come in one batch is announced with all its members
+    added, _, fresh = store.replace({"x": [P("x", "y", 0.99)], "z": [P("z", "y", 0.98)]})
+    assert added == 2 and [g.members for g in fresh] == [("x", "y", "z")]
+
+
+# -- the writer's hand-off and the detector's rows (real Valkey and Milvus Lite server) --------
+
+
+def _upsert(pid: str, version: int, vec: list[float]) -> Any:
+    from workers.writer import WriteOp
+
+    row = {
+        "pk": f"{pid}#0", "product_id": pid, "image_index": 0, "image_uri": f"s3://b/{pid}", "crop": {"bbox": None},
+        "version": version, "model_version": "m", "attributes": {}, "embedding": vec,
+    }  # fmt: skip
+    return WriteOp(pid, version, "upsert", [row], published_at_ms=int(time.time() * 1000))
+
+
+def test_written_products_are_queued_before_the_ack_and_checked_from_the_writers_rows(stack: StackInfo, store: PairStore) -> None:
+    """The writer's own pipeline queues what it wrote (the detector thread is not even running:
+    a worker killed now loses nothing); this process's detector then checks them from the rows
+    the writer held, with no read-back, and a redelivered version is queued again."""
+    from cardigan.duplicates.detect import Detector
+    from cardigan.store.guard import VersionGuard
+    from cardigan.store.index import Index
+    from config.settings import DuplicateSettings
+    from workers.detector import DetectorLoop
+    from workers.writer import IndexWriter, WriteOp
+
+    class CountingIndex(Index):
+        reads = 0
+
+        def get(self, ids: Any, fields: Any, collection: str | None = None, *, consistency: str | None = None) -> list[dict[str, Any]]:
+            CountingIndex.reads += 1
+            return super().get(ids, fields, collection, consistency=consistency)
+
+    index = CountingIndex(stack.milvus_uri, alias=store.alias)
+    try:
+        live = index.ensure()
+        loop = DetectorLoop(Detector(index, store, threshold=0.99, max_images=4), store, DuplicateSettings(linger_ms=0))  # not started
+        writer = IndexWriter(index, VersionGuard(store.r), store.r, max_images=4, live=live, handoff=loop)
+        vec = [1.0] + [0.0] * 511
+        assert writer.write_batch([_upsert("x", 3, vec), _upsert("y", 5, vec), _upsert("z", 1, [0.0, 1.0] + [0.0] * 510)]) == ["applied"] * 3
+        assert store.pending() == 3  # in Redis when write_batch returns, i.e. before the events are acked
+        claimed, token, _ = store.claim_versions(10, retry_s=0.3)
+        assert claimed == {"x": 3, "y": 5, "z": 1}
+        store.done(list(claimed), token + 1)  # not done (a stale token): still pending
+        time.sleep(0.35)
+        reads = CountingIndex.reads
+        assert loop.run_once() == 3
+        assert CountingIndex.reads == reads, "rows held in memory were read back"
+        assert [(p.a, p.b, p.a_version, p.b_version) for p in store.all_pairs()] == [("x", "y", 3, 5)]
+        assert store.pending() == 0 and loop.stats.reads == 0
+        # y deleted (no rows to read: its pairs just go), and a product queued without rows is read back
+        assert writer.write_batch([WriteOp("y", 6, "delete", published_at_ms=int(time.time() * 1000))]) == ["applied"]
+        store.enqueue({"z": int(time.time() * 1000)})  # e.g. a retry, or queued by another process
+        assert loop.run_once() == 2 and CountingIndex.reads == reads + 1 and loop.stats.reads == 1
+        assert store.count() == 0
+        # killed after recording x v3 but before its hand-off: the redelivered event queues it again
+        assert writer.write_batch([_upsert("x", 3, vec)]) == ["stale"]
+        assert store.claim(10, retry_s=0.3)[0] == ["x"]
+        writer.requeue("z", None)  # the pipeline's early exit for a redelivery
+        assert store.claim(10, retry_s=0.3)[0] == ["z"]
+        assert writer.write_batch([_upsert("z", 0, vec)]) == ["stale"] and store.claim(10, retry_s=0.3)[0] == []  # older: not queued
+    finally:
+        index.drop(live)
         index.close()

@@ -123,7 +123,26 @@ def test_near_duplicates_of_one_product_and_groups(sv: Served) -> None:
     doc = body(r)
     assert r.status == 200
     assert [[p["product_id"] for p in g["products"]] for g in doc["groups"]] == [sorted(["dup-1", first])]
-    assert doc["vectors_scanned"] == sum(len(e["images"]) for e in sv.events.values())
+    assert doc["pairs_recorded"] == 1 and doc["threshold"] == DUPLICATE_THRESHOLD
+
+
+def test_duplicates_are_the_pairs_detection_recorded(sv: Served) -> None:
+    """Both endpoints read the recorded pairs (no search): a pair recorded by hand shows up."""
+    from cardigan.duplicates.pairs import Pair, PairStore
+    from cardigan.store.guard import make_redis
+
+    a, b = sv.catalog[4].product_id, sv.catalog[5].product_id
+    store = PairStore(make_redis(sv.ns.settings.effective_state_url), sv.ns.settings.collection)
+    store.replace({a: [Pair.of(a, b, 0.995, 1, 1, 0, 0)]})
+    try:
+        doc = body(sv.request("GET", f"/v1/products/{b}/duplicates"))
+        assert [(h["product_id"], h["score"]) for h in doc["results"]] == [(a, 0.995)], doc
+        groups = [[p["product_id"] for p in g["products"]] for g in body(sv.request("GET", "/v1/duplicates"))["groups"]]
+        assert sorted([a, b]) in groups and len(groups) == 2
+        store.replace({a: [Pair.of(a, b, 0.98, 1, 1, 0, 0)]})  # below serve.duplicate_threshold: not shown
+        assert body(sv.request("GET", f"/v1/products/{b}/duplicates"))["results"] == []
+    finally:
+        store.remove_product(a)
 
 
 def test_catalog_images_come_through_the_service(sv: Served) -> None:

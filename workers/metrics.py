@@ -137,6 +137,8 @@ def _detector_metrics(p: Any) -> Iterator[Metric]:
         ("groups_new", "New double-listing groups this process opened", st.new_groups),
         ("products_checked", "Products checked for double listings", st.products),
         ("failures", "Detection batches that failed (retried after duplicates.retry_s)", st.failures),
+        ("searches", "Range-search calls of detection", st.searches),
+        ("products_read_back", "Checked products whose rows were read from Milvus (not held from the write)", st.reads),
     ):
         yield CounterMetricFamily(f"cardigan_duplicates_{name}", help_, value=value)
     yield SummaryMetricFamily(

@@ -84,7 +84,7 @@ class Pipeline:
             max_images=s.limits.max_images,
             live=self.live,
             tombstones=Tombstones(self.state, retention_s=s.worker.tombstone_retention_s),
-            on_applied=self._start_detector(),
+            handoff=self._start_detector(),
         )
         self._prep_pool = ThreadPoolExecutor(s.worker.fetch_threads, thread_name_prefix="fetch")
         # items are uint8 S×S×3 crops (the encoder normalises each batch once, on the GPU there),
@@ -102,13 +102,12 @@ class Pipeline:
         threading.Thread(target=self._report_stats, name="stats", daemon=True).start()
         log.info("pipeline ready: model %s on %s, index %s (live %s)", self.encoder.model_version, self.encoder.device, s.collection, self.live)
 
-    def _start_detector(self) -> Any:
+    def _start_detector(self) -> DetectorLoop | None:
         """Double-listing detection runs beside indexing (workers/detector.py); None when off."""
         self.detector: DetectorLoop | None = None
         if self.settings.duplicates.enabled:
             self.detector = build_detector(self.settings, self.index, self.state).start()
-            return self.detector.note
-        return None
+        return self.detector
 
     def close(self) -> None:
         self._stats_stop.set()
@@ -147,6 +146,8 @@ class Pipeline:
         ev = parse_event(raw, max_images=lim.max_images, max_id_len=lim.max_product_id_len)
         if ev.type != "delete" and self._already_newer(ev, collection):
             # cheap early exit for duplicates and late arrivals; the guard re-checks at write
+            if collection is None and self._recorded_live(ev):  # a redelivery: hand-off again
+                self.writer.requeue(ev.product_id, ev.published_at_ms)
             return self._recorded(Result(ev.product_id, ev.version, ev.type, "stale", 0), collection)
         if ev.type == "delete":
             op = WriteOp(ev.product_id, ev.version, "delete", published_at_ms=ev.published_at_ms, collection=collection)
@@ -167,6 +168,14 @@ class Pipeline:
             except redis.RedisError:
                 log.debug("outcome not recorded", exc_info=True)
         return res
+
+    def _recorded_live(self, ev: Event) -> bool:
+        """This very version is the live one recorded (its worker may have died before handing
+        it to duplicate detection); False when detection is off."""
+        if self.detector is None:
+            return False
+        recs = [self.guard.versions(c, [ev.product_id])[ev.product_id] for c in self.writer.targets()]
+        return any(r is not None and r[0] == ev.version for r in recs)
 
     def _already_newer(self, ev: Event, collection: str | None = None) -> bool:
         targets = [collection] if collection else self.writer.targets()

@@ -3,15 +3,19 @@
 For each target collection: lock the batch's products, read their recorded versions, keep the
 ops that are newer, write them, record the new versions, unlock. A task waits on its op's
 future, so its message is acked only after its vectors are written.
+
+After a batch, one pipelined Redis call records freshness samples and queues the live products
+written for duplicate detection (``Handoff``), before any of the batch's events is acked. A
+worker killed before that call has its events redelivered; one whose redelivered event finds
+its own version already recorded (killed between the record and that call) queues it again.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import redis
 
@@ -30,6 +34,16 @@ Outcome = Literal["applied", "stale"]
 TOMBSTONE_SWEEP_S = 60.0
 REPAIR_ATTEMPTS = 4  # a write that outlived its lock: repairs, each with a lock twice as long
 MAX_REPAIR_LOCK_MS = 600_000
+
+
+class Handoff(Protocol):
+    """Where written live products go for duplicate detection (workers/detector.py)."""
+
+    def queue_into(self, pipe: redis.client.Pipeline, since_ms: dict[str, int], versions: dict[str, int]) -> None:
+        """Queue them in the shared pending set, as part of the writer's pipeline."""
+
+    def note(self, since_ms: dict[str, int], rows: dict[str, tuple[int, list[dict[str, Any]]]] | None = None, *, queued: bool = False) -> None:
+        """The rows just written (``queued``: the pipeline ran; otherwise the detector queues them)."""
 
 
 class LockLost(Exception):
@@ -76,7 +90,7 @@ class IndexWriter:
         max_images: int,
         live: str,
         tombstones: Tombstones | None = None,
-        on_applied: Callable[[dict[str, int]], None] | None = None,
+        handoff: Handoff | None = None,
     ) -> None:
         self._index = index
         self._guard = guard
@@ -86,8 +100,8 @@ class IndexWriter:
         self._targets_key = TARGETS_KEY.format(alias=index.alias)
         self._tombstones = tombstones
         self._swept_at = 0.0
-        # live products just written or deleted -> their publish time (ms): duplicate detection
-        self._on_applied = on_applied
+        self._handoff = handoff  # duplicate detection: the live products written or deleted
+        self._same: list[WriteOp] = []  # this batch's ops whose version was already recorded
 
     def targets(self) -> list[str]:
         """A reindex lists its collections here; otherwise the live one (read every batch)."""
@@ -104,13 +118,15 @@ class IndexWriter:
                 by_collection.setdefault(collection, []).append(op)
         applied_any: set[int] = set()
         rejected: dict[int, IndexRejected] = {}
+        self._same = []
         for collection in sorted(by_collection):
             applied, refused = self._write_one(collection, _newest(by_collection[collection]))
             applied_any |= {id(op) for op in applied}
             rejected.update(refused)
         written = [op for op in ops if id(op) in applied_any and id(op) not in rejected]
-        self._record_freshness(written)
-        self._notify([op for op in written if op.collection is None])
+        # a redelivery of a version already recorded: its hand-off may have been lost with its worker
+        again = [op for op in self._same if op.collection is None and id(op) not in applied_any]
+        self._after_write(written, again)
         self._sweep_tombstones(sorted(by_collection))
         return [rejected.get(id(op)) or ("applied" if id(op) in applied_any else "stale") for op in ops]
 
@@ -121,6 +137,7 @@ class IndexWriter:
         with self._guard.locked(collection, newest) as held:
             current = self._guard.versions(collection, list(newest))
             todo = [op for pid, op in newest.items() if current[pid] is None or op.version > current[pid][0]]  # type: ignore[index]
+            self._same += [op for pid, op in newest.items() if current[pid] is not None and op.version == current[pid][0]]  # type: ignore[index]
             if not todo:
                 return [], {}
             if held.takeovers:  # the previous holder's write may land after ours: keep ours to redo
@@ -252,24 +269,39 @@ class IndexWriter:
         log.warning("repaired %d product(s) in %s: %d ours, %d another writer's", len(redo), collection, len(mine), len(redo) - len(mine))
         return mine
 
-    def _notify(self, ops: list[WriteOp]) -> None:
-        """Hand the written products to duplicate detection: never raises, never waits on I/O."""
-        if self._on_applied is None or not ops:
-            return
+    def requeue(self, product_id: str, published_at_ms: int | None) -> None:
+        """A redelivered event whose version is already recorded: queue the product for
+        detection again (its worker may have died before the hand-off); never raises."""
+        self._after_write([], [WriteOp(product_id, 0, "upsert", published_at_ms=published_at_ms)])
+
+    def _after_write(self, written: list[WriteOp], again: list[WriteOp]) -> None:
+        """One pipelined call: freshness samples, and the live products to check for double
+        listings queued; then the detector gets their rows. Never raises: the write landed."""
         now = int(time.time() * 1000)
+        lat = [now - op.published_at_ms for op in written if op.published_at_ms]
+        live = _newest([op for op in written if op.collection is None])
+        since = {op.product_id: op.published_at_ms or now for op in [*again, *live.values()]}
+        versions = {pid: op.version for pid, op in live.items()}
+        pipe = self._state.pipeline(transaction=False)
+        if lat:
+            pipe.lpush(FRESHNESS_KEY, *lat)
+            pipe.ltrim(FRESHNESS_KEY, 0, 99_999)
+        queued = False
         try:
-            self._on_applied({op.product_id: op.published_at_ms or now for op in ops})
+            if self._handoff is not None and since:
+                self._handoff.queue_into(pipe, since, versions)
+            if len(pipe):
+                pipe.execute()
+            queued = True
+        except redis.RedisError:
+            if self._handoff is None or not since:
+                log.debug("freshness not recorded", exc_info=True)
+            else:
+                log.warning("written products not queued for duplicate detection: kept in memory", exc_info=True)
+        if self._handoff is None or not since:
+            return
+        rows = {pid: (op.version, op.rows if op.kind == "upsert" else []) for pid, op in live.items()}
+        try:
+            self._handoff.note(since, rows, queued=queued)
         except Exception:  # noqa: BLE001 - detection must not fail a write that landed
             log.warning("duplicate detection not notified", exc_info=True)
-
-    def _record_freshness(self, ops: list[WriteOp]) -> None:
-        now = int(time.time() * 1000)
-        lat = [now - op.published_at_ms for op in ops if op.published_at_ms]
-        if lat:
-            try:
-                pipe = self._state.pipeline(transaction=False)
-                pipe.lpush(FRESHNESS_KEY, *lat)
-                pipe.ltrim(FRESHNESS_KEY, 0, 99_999)
-                pipe.execute()
-            except redis.RedisError:
-                log.debug("freshness not recorded", exc_info=True)

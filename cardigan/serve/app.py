@@ -331,33 +331,35 @@ def create_app(settings: Settings, service: SearchService | None = None) -> Fast
         "/v1/products/{pid}/duplicates",
         tags=["duplicates"],
         summary="Near-duplicate listings of this product",
-        description=f"Products with an image scoring at least `serve.duplicate_threshold` (now {serve.duplicate_threshold}) against one of this product's.",
+        description=(
+            f"The double listings duplicate detection recorded for this product, scoring at least {svc.duplicate_threshold} "
+            "(`serve.duplicate_threshold`, or `duplicates.threshold` when higher): each with its matching image."
+        ),
         responses=_ERRORS_DOC,
     )
     async def product_duplicates(pid: str, k: str | None = None) -> dict[str, Any]:
         p = product_id(pid, settings.limits.max_product_id_len)
         out = results(await svc.duplicates(p, k=parse_k(k, serve.max_k)))
-        return out | {"threshold": serve.duplicate_threshold}
+        return out | {"threshold": svc.duplicate_threshold}
 
     @app.get(
         "/v1/duplicates",
         tags=["duplicates"],
         summary="Groups of near-duplicate listings",
         description=(
-            f"Reads at most `serve.duplicates_scan` vectors (now {serve.duplicates_scan}) and groups products whose images "
-            f"score at least `serve.duplicate_threshold` (now {serve.duplicate_threshold}) against each other."
+            "The groups of double listings duplicate detection recorded (connected pairs), largest first, over the pairs "
+            f"scoring at least {svc.duplicate_threshold} (`serve.duplicate_threshold`, or `duplicates.threshold` when higher)."
         ),
         responses=_ERRORS_DOC,
     )
     async def duplicates(limit: str | None = None) -> dict[str, Any]:
         n = parse_k(limit, 1000, default=50)
-        groups, scanned = await svc.duplicate_groups(limit=n)
+        groups, recorded = await svc.duplicate_groups(limit=n)
         shown = await svc.products(sorted({p for g in groups for p in g.products}))
         return {
             "groups": [{"score": g.score, "products": [_listing(shown.get(p), p) for p in g.products]} for g in groups],
-            "threshold": serve.duplicate_threshold,
-            "vectors_scanned": scanned,
-            "scan_limit": serve.duplicates_scan,
+            "threshold": svc.duplicate_threshold,
+            "pairs_recorded": recorded,
         }
 
     @app.get(

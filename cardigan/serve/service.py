@@ -5,9 +5,10 @@ the alias (``CARDIGAN_COLLECTION``), so a blue/green reindex switch is picked up
 query with no restart. Concurrent requests share forward passes through the workers' own
 :class:`~workers.batcher.MicroBatcher`, and share Milvus search calls through a second one.
 
-Near-duplicates ("double listings"): the catalog does not record double listings, so they are
-looked up in the index itself: two products are near-duplicates when one of their images
-scores at least ``serve.duplicate_threshold`` (cosine) against the other's.
+Near-duplicates ("double listings") are what the workers' duplicate detection recorded in the
+state Redis (cardigan/duplicates): its pairs, and the groups they form, scoring at least
+``duplicate_threshold`` (``serve.duplicate_threshold``, or the detector's own threshold when
+that is higher: weaker pairs are not recorded). Nothing is searched or scanned per request.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from cardigan import procstat
+from cardigan.duplicates.groups import groups as find_groups
+from cardigan.duplicates.pairs import PairStore
 from cardigan.errors import IndexUnavailable, InvalidEvent
 from cardigan.event import primary_key
 from cardigan.imaging.crop import preprocess
@@ -33,6 +36,7 @@ from cardigan.imaging.fetch import Fetcher, make_s3_client
 from cardigan.imaging.localise import Localiser, localiser_for
 from cardigan.ops.query import Hit, best_per_product
 from cardigan.serve.filters import BadRequest, filter_expression
+from cardigan.store.guard import make_redis
 from cardigan.store.index import Index
 from cardigan.store.schema import OUTPUT_FIELDS
 from config.settings import Settings
@@ -90,6 +94,7 @@ class SearchService:
         self.embedder: MicroBatcher[torch.Tensor, np.ndarray] | None = None
         self.searcher: MicroBatcher[SearchItem, list[dict[str, Any]]] | None = None
         self.localiser: Localiser | None = None  # the workers' crop of busy photos (start())
+        self.pairs: PairStore | None = None  # the recorded double listings (start())
         self._prep = ThreadPoolExecutor(max(2, settings.worker.fetch_threads // 2), thread_name_prefix="prep")
         self.started_at = 0.0
         self._connect_lock = threading.Lock()
@@ -117,6 +122,8 @@ class SearchService:
         self.searcher = MicroBatcher(
             self._search, max_items=s.serve.search_batch, max_wait_s=0.0, name="serve-search", isolate_failures=False
         ).start()
+        # the state Redis of the workers, where duplicate detection records pairs (no I/O yet)
+        self.pairs = PairStore(make_redis(s.effective_state_url), s.collection, lag_samples=0)
         threading.Thread(target=self._connect_quietly, name="milvus-connect", daemon=True).start()
         self.started_at = time.time()
         log.info(
@@ -141,6 +148,8 @@ class SearchService:
         self._prep.shutdown(wait=False, cancel_futures=True)
         if self.index is not None:
             self.index.close()
+        if self.pairs is not None:
+            self.pairs.r.close()
 
     def ready(self) -> dict[str, Any]:
         """Model loaded and Milvus answering (raises IndexUnavailable when it does not)."""
@@ -227,54 +236,36 @@ class SearchService:
         res = await self._search_many([r["embedding"] for r in own], k * 4 + len(own), expr)
         return best_per_product([r for rows in res for r in rows], k, exclude=product_id)
 
+    @property
+    def duplicate_threshold(self) -> float:
+        """Pairs are recorded from the detector's threshold up; the service may show fewer."""
+        return max(self.settings.serve.duplicate_threshold, self.settings.duplicates.threshold)
+
     async def duplicates(self, product_id: str, *, k: int) -> list[Hit]:
-        """Near-duplicates of one product: similar items scoring at least the threshold."""
-        hits = await self.similar(product_id, k=k, filters={})
-        return [h for h in hits if h.score >= self.settings.serve.duplicate_threshold]
+        """The recorded double listings of one product, best first: each other product's image
+        that matched (404 when the product is not in the index)."""
+        assert self.pairs is not None
+        pairs = [p for p in await self._run(self.pairs.pairs_of, product_id) if p.score >= self.duplicate_threshold][:k]
+        matched = {p.other(product_id): (p.b_image if p.other(product_id) == p.b else p.a_image, p.score) for p in pairs}
+        keys = [primary_key(product_id, 0)] + sorted({primary_key(o, j) for o, (i, _) in matched.items() for j in (i, 0)})
+        rows = await self._run(lambda: self._index().get(keys, OUTPUT_FIELDS))
+        if not any(r["product_id"] == product_id for r in rows):
+            raise BadRequest(f"product {product_id!r} is not in the index", field="product_id", status=404)
+        # the image that matched (image 0 if the product has fewer images since); a pair of a
+        # product deleted since is dropped by its next check: left out meanwhile
+        shown: dict[str, dict[str, Any]] = {}
+        for r in sorted(rows, key=lambda r: r["image_index"] != matched.get(r["product_id"], (0, 0))[0]):
+            if r["product_id"] in matched:
+                shown.setdefault(r["product_id"], r)
+        hits = [Hit.from_row({**r, "score": matched[pid][1]}) for pid, r in shown.items()]
+        return sorted(hits, key=lambda h: (-h.score, h.product_id))
 
     async def duplicate_groups(self, *, limit: int) -> tuple[list[DuplicateGroup], int]:
-        """Groups of near-duplicate products over (at most ``duplicates_scan``) vectors of the index."""
-        rows: list[dict[str, Any]] = await self._run(self._scan)
-        threshold = self.settings.serve.duplicate_threshold
-        parent: dict[str, str] = {}
-
-        def find(x: str) -> str:
-            while parent.setdefault(x, x) != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        pairs: list[tuple[str, str, float]] = []
-        results = await self._search_many([r["embedding"] for r in rows], 8, "") if rows else []
-        for row, hits in zip(rows, results):
-            pairs += [
-                (row["product_id"], h["product_id"], float(h["score"]))
-                for h in hits
-                if h["product_id"] != row["product_id"] and h["score"] >= threshold
-            ]
-        for a, b, _ in pairs:
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                parent[ra] = rb
-        best: dict[str, float] = {}
-        for a, _, score in pairs:
-            root = find(a)
-            best[root] = max(best.get(root, -1.0), score)
-        members: dict[str, list[str]] = defaultdict(list)
-        for p in list(parent):
-            members[find(p)].append(p)
-        groups = [DuplicateGroup(sorted(ps), round(best.get(root, threshold), 6)) for root, ps in members.items() if len(ps) > 1]
-        groups.sort(key=lambda g: (-g.score, g.products))
-        return groups[:limit], len(rows)
-
-    def _scan(self) -> list[dict[str, Any]]:
-        idx = self._index()
-        out: list[dict[str, Any]] = []
-        for row in idx.iter_rows(batch=500, fields=["pk", "product_id", "image_index", "embedding"]):
-            out.append(row)
-            if len(out) >= self.settings.serve.duplicates_scan:
-                break
-        return out
+        """The recorded groups (largest, then strongest, first) and how many pairs are recorded."""
+        assert self.pairs is not None
+        pairs = list(await self._run(lambda: list(self.pairs.all_pairs())))  # type: ignore[union-attr]
+        found = find_groups(pairs, min_score=self.duplicate_threshold)
+        return [DuplicateGroup(list(g.members), g.best.score) for g in found[:limit]], len(pairs)
 
     async def products(self, ids: list[str]) -> dict[str, Hit]:
         """Image 0 of each product, for pages that show groups (missing ids are left out)."""

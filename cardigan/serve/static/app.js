@@ -215,8 +215,8 @@ async function duplicatesPage() {
       groups.appendChild(box);
     }
     setStatus(
-      res.groups.length + " group(s) of near-duplicates (score ≥ " + res.threshold + ") among " +
-      res.vectors_scanned + " image vectors scanned" + (res.vectors_scanned >= res.scan_limit ? " (scan limit reached)" : "")
+      res.groups.length + " group(s) of near-duplicates (score ≥ " + res.threshold + ") from " +
+      res.pairs_recorded + " recorded pair(s)"
     );
   } catch (e) {
     setStatus(e.message, true);
