@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from cardigan.duplicates.detect import best_pairs
 from cardigan.duplicates.groups import groups
 from cardigan.duplicates.pairs import Pair, PairStore
+from cardigan.duplicates.score import Scoring, best_pairs
 from cardigan.store.guard import make_redis
 from devkit.stack import StackInfo
 
@@ -44,7 +44,7 @@ def test_best_pairs_keeps_the_best_image_match_and_skips_the_product_itself() ->
             {"product_id": "c", "image_index": 0, "version": 1, "score": 0.961},
         ],
     ]
-    best = best_pairs(rows, hits, at=0.0)
+    best = best_pairs(rows, hits, Scoring(), at=0.0)
     assert set(best["a"]) == {"b", "c"}
     ab = best["a"]["b"]
     assert (ab.score, ab.a_image, ab.b_image, ab.a_version, ab.b_version) == (0.98, 1, 0, 3, 7)

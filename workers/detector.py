@@ -28,7 +28,6 @@ import redis
 from cardigan.duplicates.detect import Detector
 from cardigan.duplicates.groups import Group
 from cardigan.duplicates.pairs import PairStore
-from cardigan.duplicates.score import Scoring
 from cardigan.store.index import Index
 from config.settings import DuplicateSettings, Settings
 
@@ -220,14 +219,7 @@ def build_detector(settings: Settings, index: Index, state: redis.Redis) -> Dete
     """The loop for one worker process (its own clients are the pipeline's: thread-safe)."""
     d = settings.duplicates
     store = PairStore(state, settings.collection, lag_samples=d.lag_samples)
-    detector = Detector(
-        index,
-        store,
-        threshold=d.threshold,
-        max_images=settings.limits.max_images,
-        hits_per_image=d.hits_per_image,
-        scoring=Scoring.from_settings(d),
-    )
+    detector = Detector.from_settings(index, store, d, max_images=settings.limits.max_images)
     return DetectorLoop(detector, store, d, publish=_queue_publisher(settings) if d.events_queue else None)
 
 

@@ -136,7 +136,6 @@ def scan_command(
 
     from cardigan.duplicates.detect import Detector
     from cardigan.duplicates.scan import scan, scan_state
-    from cardigan.duplicates.score import Scoring
     from cardigan.store.index import Index
 
     s = settings_or_exit()
@@ -150,14 +149,7 @@ def scan_command(
         before = scan_state(store.r, s.collection)
         resumed = before is not None and not before.get("done") and not restart
         d = s.duplicates if threshold is None else s.duplicates.model_copy(update={"threshold": threshold})
-        det = Detector(
-            index,
-            store,
-            threshold=d.threshold,
-            max_images=s.limits.max_images,
-            hits_per_image=d.hits_per_image,
-            scoring=Scoring.from_settings(d),
-        )
+        det = Detector.from_settings(index, store, d, max_images=s.limits.max_images)
         t0 = time.monotonic()
         cols = (
             TextColumn("{task.description}"),

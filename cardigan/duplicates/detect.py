@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cardigan.duplicates.groups import Group
-from cardigan.duplicates.pairs import Pair, PairStore
-from cardigan.duplicates.score import Scoring
-from cardigan.duplicates.score import best_pairs as _score_pairs
+from cardigan.duplicates.pairs import PairStore
+from cardigan.duplicates.score import Scoring, best_pairs
 from cardigan.event import primary_key
 from cardigan.store.index import Index
+from config.settings import DuplicateSettings
 
 ROW_FIELDS = ["pk", "product_id", "image_index", "version", "embedding", "crop"]  # crop: the colour signature
 HIT_FIELDS = ["product_id", "image_index", "version", "crop"]
@@ -40,13 +40,6 @@ class CheckResult:
     searches: int = 0  # range-search calls
 
 
-def best_pairs(
-    rows: list[dict], hits: list[list[dict]], at: float | None = None, scoring: Scoring | None = None
-) -> dict[str, dict[str, Pair]]:
-    """Per checked product, its best pair with every other product it hit (score.best_pairs)."""
-    return _score_pairs(rows, hits, scoring or Scoring(), at)
-
-
 class Detector:
     """Checks products against the rest of the alias and records what it finds in a PairStore."""
 
@@ -59,6 +52,13 @@ class Detector:
         self.threshold = threshold
         self.max_images = max_images
         self.hits_per_image = hits_per_image
+
+    @classmethod
+    def from_settings(cls, index: Index, store: PairStore, d: DuplicateSettings, *, max_images: int) -> Detector:
+        """As ``duplicates`` settings say (the workers' detector and ``duplicates scan`` alike)."""
+        return cls(
+            index, store, threshold=d.threshold, max_images=max_images, hits_per_image=d.hits_per_image, scoring=Scoring.from_settings(d)
+        )
 
     def check(self, product_ids: list[str], known: dict[str, list[dict[str, Any]]] | None = None) -> CheckResult:
         """Check and record; raises IndexUnavailable / redis errors (the caller retries later).
@@ -84,7 +84,7 @@ class Detector:
                 [r["embedding"] for r in chunk], self.threshold, self.hits_per_image, fields=HIT_FIELDS, consistency="Strong"
             )
             calls += 1
-        best = best_pairs(rows, hits, scoring=self.scoring)
+        best = best_pairs(rows, hits, self.scoring)
         found = {pid: sorted(best.get(pid, {}).values(), key=lambda p: -p.score) for pid in pids}
         added, dropped, fresh = self.store.replace(found)
         return CheckResult(len(pids), len(rows), added, dropped, fresh, time.perf_counter() - t0, len(todo), calls)
