@@ -163,23 +163,3 @@ def test_a_fine_tuned_checkpoint_keeps_the_localiser_on_the_pretrained_trunk(
     ref = localiser_for(encoder, CropSettings(localiser="boxhead"))
     assert ref is not None
     assert [loc.box(img) for img, _, _ in street] == [ref.box(img) for img, _, _ in street]
-
-
-def test_beside_onnx_runtime_torch_runs_the_localiser_on_one_thread(tmp_path) -> None:  # noqa: ANN001
-    """Torch's OpenMP pool spun beside ONNX Runtime's threads; with ORT serving the encoder the
-    localiser's one-photo passes get one torch thread each. On the torch runtime nothing changes."""
-    import torch
-
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        on_torch = build_encoder(PRETRAINED).load()
-        assert localiser_for(on_torch, CropSettings(localiser="energy")) is not None
-        assert torch.get_num_threads() == 2
-        on_ort = build_encoder(PRETRAINED.model_copy(update={"runtime": "onnxruntime", "onnx_cache_dir": str(tmp_path)})).load()
-        assert on_ort.runtime == "onnxruntime"
-        loc = localiser_for(on_ort, CropSettings(localiser="energy"))
-        assert loc is not None and torch.get_num_threads() == 1
-        assert loc.heatmap(Image.new("RGB", (96, 80), (200, 30, 30))).ndim == 2  # still localises
-    finally:
-        torch.set_num_threads(before)

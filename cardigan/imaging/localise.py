@@ -296,10 +296,4 @@ def _build(encoder: Encoder, settings: CropSettings) -> Localiser | None:
             return None
     loc = Localiser(trunk, kind=settings.localiser, size=settings.localiser_size, head=head)
     log.info("crop localiser: %s at %d px on %s (%s)", loc.kind, loc.size, loc.device, whose)
-    if loc.device.type == "cpu" and encoder.runtime == "onnxruntime" and torch.get_num_threads() > 1:
-        # ONNX Runtime owns the forward pass and its threads (fixed at load). Torch now runs only
-        # these one-photo passes, several fetch threads at once, and its OpenMP pool spun beside
-        # ORT's: 8 ms of CPU per image on the default bench (docs/performance.md).
-        log.info("crop localiser: torch on 1 thread per call (was %d): ONNX Runtime runs the encoder", torch.get_num_threads())
-        torch.set_num_threads(1)
     return loc
