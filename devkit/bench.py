@@ -147,7 +147,8 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, interval: float =
 
 PROFILE_ENV = "CARDIGAN_BENCH_PROFILE"
 PROFILE_INTERVAL_S = 0.25
-# Python thread name -> stage. Threads torch starts itself (OpenMP) have no Python name.
+# Python thread name -> stage. Threads the runtimes start themselves (torch's OpenMP pool, ONNX
+# Runtime's intra-op pool) have no Python name: "intra-op" is the forward's threads beside `embed`.
 _THREAD_GROUPS = (
     ("fetch", "fetch+decode"),  # Pipeline._prep_pool: S3 GET, decode, crop, resize
     ("embed", "embed"),  # the embed MicroBatcher: torch.stack + forward (plus torch's own threads)
@@ -159,7 +160,7 @@ _THREAD_GROUPS = (
 
 def _thread_group(name: str | None) -> str:
     if name is None:
-        return "torch intra-op"
+        return "intra-op"
     return next((group for prefix, group in _THREAD_GROUPS if name.startswith(prefix)), "other")
 
 

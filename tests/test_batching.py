@@ -140,7 +140,7 @@ def test_bench_helpers() -> None:
         "write",
         "tasks",
         "consumer",
-        "torch intra-op",
+        "intra-op",
     ]
     assert ceiling(100, 100, "cpu") == pytest.approx(50)  # shared cores: times add
     assert ceiling(100, 300, "cuda") == 100  # overlapped: the slower stage sets the pace

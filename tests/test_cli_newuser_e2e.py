@@ -156,6 +156,28 @@ def test_dead_letter_ids_and_prefixes(ns: Namespace) -> None:
     assert {d.id for d in ns.dead().list()} == {"00d36066bd4e", "00d3aaaa0000"}
 
 
+def test_publish_wait_ignores_an_outcome_recorded_before_the_publish(ns: Namespace) -> None:
+    """A late v1 published after v2 was applied: v2's record was there before the publish, so it
+    is not the verdict (the worker will record v1 as stale); a newer version recorded after the
+    publish is ("superseded"), and so is this version's own record."""
+    from cardigan.cli.events import wait_for_outcomes
+    from cardigan.ops.publish import Sent
+
+    key = f"cardigan:outcome:{ns.settings.collection}:sku-1"
+    now = time.time()
+    late = [Sent(1, "t1", "add", "sku-1", 1, now)]
+    ns.state().set(key, json.dumps({"version": 2, "type": "add", "outcome": "applied", "vectors": 1, "time": now - 2}))
+    assert wait_for_outcomes(ns.state(), ns.settings.collection, late, 0.3, 0.1) == [
+        "line 1: add sku-1 v1: no outcome within 0 s (is a worker running? `cardigan status`)"
+    ]
+    ns.state().set(key, json.dumps({"version": 3, "type": "add", "outcome": "applied", "vectors": 1, "time": now + 1}))
+    assert wait_for_outcomes(ns.state(), ns.settings.collection, late, 0.3, 0.1) == ["line 1: add sku-1 v1: superseded (v3 of it was processed since)"]
+    ns.state().set(key, json.dumps({"version": 1, "type": "add", "outcome": "stale", "vectors": 0, "time": now - 5}))
+    assert wait_for_outcomes(ns.state(), ns.settings.collection, late, 0.3, 0.1) == [
+        "line 1: add sku-1 v1: stale (an equal or newer version was already recorded: ignored)"
+    ]
+
+
 def test_publish_wait_events_show_similar_hint_and_status_plural(ns: Namespace, tmp_path: Path) -> None:
     ns.start_worker(concurrency=4)
     # publish --wait reports each event's outcome: applied, or dead with its reason

@@ -88,7 +88,9 @@ def wait_for_outcomes(r: Any, alias: str, sent: list[Any], timeout_s: float, int
                     if last["outcome"] == "stale"
                     else f" ({n} vector{'' if n == 1 else 's'})"
                 )
-            elif last["version"] > ev.version:
+            elif last["version"] > ev.version and last.get("time", 0.0) >= ev.sent_at:
+                # only a newer version processed after this publish: one recorded before it says
+                # nothing yet about this event, which the worker will record as stale
                 done[i] = f"{head}: superseded (v{last['version']} of it was processed since)"
         if len(done) == len(sent) or time.monotonic() > deadline:
             break

@@ -44,6 +44,7 @@ class Sent:
     type: str
     product_id: str
     version: int
+    sent_at: float = 0.0  # publisher's clock: `publish --wait` ignores outcomes recorded before it
 
 
 def task_message_args(ev: Event) -> dict[str, Any]:
@@ -97,7 +98,7 @@ class Publisher:
                 else:
                     tid = self.publish(ev, producer=producer)
                     report.task_ids.append(tid)
-                    report.sent.append(Sent(line, tid, ev.type, ev.product_id, ev.version))
+                    report.sent.append(Sent(line, tid, ev.type, ev.product_id, ev.version, time.time()))
                     report.published += 1
                 if on_progress:
                     on_progress(1)
