@@ -207,6 +207,17 @@ def test_watermark_text_does_not_stretch_the_trim() -> None:
     assert _close(found[0], (100, 60, 220, 180), slack=8)
 
 
+def test_a_thin_part_touching_the_item_stays_in_the_box() -> None:
+    # A bag's handle is thinner than the opening that drops watermark strokes: it is kept
+    # because it touches the bag.
+    arr = np.asarray(product_shot(box=(100, 100, 220, 220))).copy()
+    arr[40:100, 150:153] = 30
+    arr[40:43, 150:190] = 30
+    found = trim_box(_jpeg(Image.fromarray(arr)))
+    assert found is not None
+    assert _close(found[0], (100, 40, 220, 220), slack=8)
+
+
 def test_a_product_of_thin_strokes_is_still_trimmed() -> None:
     # A strap or a chain: the opening that drops watermark strokes would drop it all.
     arr = np.full((300, 400, 3), 255, np.uint8)

@@ -240,6 +240,25 @@ def _lines(mask: np.ndarray) -> Box | None:
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
 
 
+def _grow(box: Box, mask: np.ndarray) -> Box:
+    """``box`` grown, a line at a time, while the line just outside it holds MIN_LINE_PIXELS of
+    ``mask`` within its span: what touches the item stays in, a stroke apart from it does not."""
+    left, top, right, bottom = box
+    height, width = mask.shape
+    grew = True
+    while grew:
+        grew = False
+        if top > 0 and np.count_nonzero(mask[top - 1, left:right]) >= MIN_LINE_PIXELS:
+            top, grew = top - 1, True
+        if bottom < height and np.count_nonzero(mask[bottom, left:right]) >= MIN_LINE_PIXELS:
+            bottom, grew = bottom + 1, True
+        if left > 0 and np.count_nonzero(mask[top:bottom, left - 1]) >= MIN_LINE_PIXELS:
+            left, grew = left - 1, True
+        if right < width and np.count_nonzero(mask[top:bottom, right]) >= MIN_LINE_PIXELS:
+            right, grew = right + 1, True
+    return (left, top, right, bottom)
+
+
 def _area(box: Box) -> int:
     return (box[2] - box[0]) * (box[3] - box[1])
 
@@ -261,15 +280,18 @@ def _trim_search(small: Image.Image) -> tuple[Box, RGB] | None:
     r, g, b = ImageChops.difference(small, Image.new("RGB", small.size, colour)).split()
     mask_img = ImageChops.lighter(ImageChops.lighter(r, g), b).point(_FOREGROUND_LUT)
     # An opening (erode, then dilate) drops strokes thinner than OPENING pixels of the search
-    # copy: a reseller's watermark text must not stretch the box (an item's body survives it).
-    # A product that is all thin strokes (a belt, a chain) has nothing left: the mask as it was.
+    # copy: a reseller's watermark text apart from the item must not stretch the box. The box
+    # of what survives then grows over the thin parts that touch it. A product that is all thin
+    # strokes (a belt, a chain) has nothing left: the mask as it was.
     opened = np.asarray(mask_img.filter(ImageFilter.MinFilter(OPENING)).filter(ImageFilter.MaxFilter(OPENING)))
+    mask = np.asarray(mask_img)
     lines = _lines(opened)
     if lines is None or _area(lines) < MIN_OBJECT_SHARE * small.width * small.height:
-        lines = _lines(np.asarray(mask_img))
-    if lines is None:
+        found = _lines(mask)
+    else:
+        found = _grow(lines, mask)  # thin parts attached to the item (a bag's handle) are product
+    if found is None:
         return None
-    found = lines
     small_w, small_h = small.size
     share = _area(found) / (small_w * small_h)
     if share < MIN_OBJECT_SHARE or share > MAX_OBJECT_SHARE:
