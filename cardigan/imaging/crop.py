@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageChops, ImageFilter
+from PIL import Image, ImageChops
 
 from cardigan.errors import InvalidCrop
 from cardigan.imaging.decode import WHITE, decode
@@ -59,6 +59,7 @@ FRAME_MAX_SIDE = 0.15  # every side of the frame at most this share of the short
 FRAME_INSET = 2  # lines of the framed photo left out at each side (frame blended in)
 NESTED_MIN_SHARE = 0.1  # what the inner trim finds must be this share of the framed photo
 _FOREGROUND_LUT = [255 if v > FOREGROUND_THRESHOLD else 0 for v in range(256)]
+_FRAME_LUT = [255 if v > FRAME_TOLERANCE else 0 for v in range(256)]
 
 
 def crop_image(
@@ -204,15 +205,17 @@ def _frame(small: Image.Image) -> Box | None:
     The box starts FRAME_INSET lines inside the photo's edge, where JPEG ringing and the search
     copy's averaging no longer mix the frame in.
     """
-    pixels = np.asarray(small).astype(np.int16)
-    if pixels.ndim != 3 or pixels.shape[0] < 16 or pixels.shape[1] < 16:
+    w, h = small.size
+    if w < 16 or h < 16 or small.mode != "RGB":
         return None
-    h, w = pixels.shape[:2]
-    border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]))
-    colour = np.median(border, axis=0)
-    if (np.abs(border - colour).max(axis=1) <= FRAME_TOLERANCE).mean() < FRAME_UNIFORM:
+    pixels = np.asarray(small)
+    border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1])).astype(np.int16)
+    median = np.median(border, axis=0)
+    if (np.abs(border - median).max(axis=1) <= FRAME_TOLERANCE).mean() < FRAME_UNIFORM:
         return None
-    off = np.abs(pixels - colour).max(axis=2) > FRAME_TOLERANCE
+    colour = (int(median[0]), int(median[1]), int(median[2]))
+    r, g, b = ImageChops.difference(small, Image.new("RGB", small.size, colour)).split()
+    off = np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b).point(_FRAME_LUT)) > 0
     rows = off[:, w // 4 : w - w // 4].mean(axis=1)
     cols = off[h // 4 : h - h // 4].mean(axis=0)
     most = FRAME_MAX_SIDE * min(h, w)
@@ -238,6 +241,21 @@ def _lines(mask: np.ndarray) -> Box | None:
     if rows.size == 0 or cols.size == 0:
         return None
     return (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+
+
+def _open(mask: np.ndarray, r: int) -> np.ndarray:
+    """Binary opening of ``mask`` by a (2r+1)² square: separable shifted ANDs, then ORs (numpy,
+    ~20x faster than Pillow's rank filters on the search copy)."""
+    out = mask
+    for op, pad in ((np.logical_and, False), (np.logical_or, False)):
+        for axis in (0, 1):
+            n = out.shape[axis]
+            padded = np.pad(out, [(r, r) if a == axis else (0, 0) for a in (0, 1)], constant_values=pad)
+            acc = padded.take(range(0, n), axis=axis)
+            for shift in range(1, 2 * r + 1):
+                op(acc, padded.take(range(shift, shift + n), axis=axis), out=acc)
+            out = acc
+    return out
 
 
 def _grow(box: Box, mask: np.ndarray) -> Box:
@@ -283,8 +301,8 @@ def _trim_search(small: Image.Image) -> tuple[Box, RGB] | None:
     # copy: a reseller's watermark text apart from the item must not stretch the box. The box
     # of what survives then grows over the thin parts that touch it. A product that is all thin
     # strokes (a belt, a chain) has nothing left: the mask as it was.
-    opened = np.asarray(mask_img.filter(ImageFilter.MinFilter(OPENING)).filter(ImageFilter.MaxFilter(OPENING)))
-    mask = np.asarray(mask_img)
+    mask = np.asarray(mask_img) > 0
+    opened = _open(mask, OPENING // 2)
     lines = _lines(opened)
     if lines is None or _area(lines) < MIN_OBJECT_SHARE * small.width * small.height:
         found = _lines(mask)
