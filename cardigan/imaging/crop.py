@@ -4,7 +4,9 @@ Three ways to find the product, in order of trust:
 
 - ``bbox``: the catalog says where it is (pixels of the upright, full-size image);
 - ``trim``: no bbox, but the photo is shot on a plain background (the catalog norm), so the
-  product is whatever differs from the colour of the border;
+  product is whatever differs from the colour of the border (inside a flat frame, if the photo
+  has one: a reseller's copy then crops like the original; thin strokes apart from the item,
+  such as a watermark's text, are left out);
 - ``localised``: a busy photo, and the process has a localiser (:mod:`cardigan.imaging.localise`,
   the encoder's trunk says where the product is);
 - ``centre``: anything else (a lifestyle photo): the central square, as ImageNet models expect.
