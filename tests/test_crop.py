@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from cardigan.errors import CorruptImage, InvalidCrop
 from cardigan.imaging.crop import (
@@ -160,6 +160,73 @@ def test_trim_when_the_product_touches_one_edge() -> None:
     crop, method = crop_image(img, None)
     assert method == "trim"
     assert crop.height < 300 and crop.width < 200
+
+
+def _jpeg(img: Image.Image) -> Image.Image:
+    return Image.open(io.BytesIO(encode(img, quality=85))).convert("RGB")
+
+
+@pytest.mark.parametrize("shade", [20, 235])
+def test_trim_inside_a_frame_finds_the_product_on_the_original_backdrop(shade: int) -> None:
+    # A reseller's copy: the shop photo (grey backdrop) with a flat border added. Trimming only
+    # the border would keep the grey backdrop, and the item would be small in the crop.
+    b = 16
+    framed = ImageOps.expand(product_shot(background=(200, 200, 200)), border=b, fill=(shade, shade, shade))
+    found = trim_box(_jpeg(framed))
+    assert found is not None
+    box, background = found
+    assert _close(box, (100 + b, 80 + b, 220 + b, 200 + b), slack=8)
+    assert all(abs(c - 200) <= 4 for c in background)  # padded like the original, not with the frame
+
+
+def test_a_framed_busy_photo_is_cut_to_the_photo() -> None:
+    noise = np.random.default_rng(2).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    found = trim_box(_jpeg(ImageOps.expand(Image.fromarray(noise), border=20, fill=(20, 20, 20))))
+    assert found is not None
+    assert _close(found[0], (20, 20, 420, 320), slack=14)
+
+
+def test_a_logo_on_a_plain_rectangular_product_keeps_the_product() -> None:
+    # A flat grey product with a thin white margin looks like a frame; what is inside (a logo)
+    # is too small a share to be the item, so the crop is the product, not its logo.
+    arr = np.full((300, 400, 3), 255, np.uint8)
+    arr[30:270, 30:370] = 120
+    arr[130:170, 180:220] = 20  # the logo
+    found = trim_box(_jpeg(Image.fromarray(arr)))
+    assert found is not None
+    assert _close(found[0], (30, 30, 370, 270), slack=14)
+
+
+def test_watermark_text_does_not_stretch_the_trim() -> None:
+    img = product_shot(box=(100, 60, 220, 180)).convert("RGBA")
+    layer = Image.new("RGBA", img.size, (0, 0, 0, 0))
+    ImageDraw.Draw(layer).text((230, 240), "shop42.example", fill=(0, 0, 0, 110), font=ImageFont.load_default(size=24))
+    marked = _jpeg(Image.alpha_composite(img, layer).convert("RGB"))
+    found = trim_box(marked)
+    assert found is not None
+    assert _close(found[0], (100, 60, 220, 180), slack=8)
+
+
+def test_a_thin_part_touching_the_item_stays_in_the_box() -> None:
+    # A bag's handle is thinner than the opening that drops watermark strokes: it is kept
+    # because it touches the bag.
+    arr = np.asarray(product_shot(box=(100, 100, 220, 220))).copy()
+    arr[40:100, 150:153] = 30
+    arr[40:43, 150:190] = 30
+    found = trim_box(_jpeg(Image.fromarray(arr)))
+    assert found is not None
+    assert _close(found[0], (100, 40, 220, 220), slack=8)
+
+
+def test_a_product_of_thin_strokes_is_still_trimmed() -> None:
+    # A strap or a chain: the opening that drops watermark strokes would drop it all.
+    arr = np.full((300, 400, 3), 255, np.uint8)
+    arr[80:83, 100:250] = 40
+    arr[80:230, 100:103] = 40
+    arr[228:231, 100:250] = 40
+    found = trim_box(_jpeg(Image.fromarray(arr)))
+    assert found is not None
+    assert _close(found[0], (100, 80, 250, 231), slack=8)
 
 
 def test_busy_photo_is_centre_cropped() -> None:
