@@ -140,8 +140,8 @@ class DuplicateSettings(BaseModel):
     # a relit copy's colours move, its layout does not: up to this much colour distance is forgiven
     # as the two crops' structure correlation (cardigan/duplicates/structure.py) rises from
     # structure_floor to 1 (0: the colour signature alone)
-    structure_slack: float = Field(0.0, ge=0.0)
-    structure_floor: float = Field(0.9, ge=-1.0, lt=1.0)
+    structure_slack: float = Field(0.05, ge=0.0)
+    structure_floor: float = Field(0.93, ge=-1.0, lt=1.0)
     # the cosine bar for image pairs without a signature (rows indexed before signatures existed,
     # or crops decoded on the device): the vector-only default from before; at or above ``threshold``
     vector_threshold: float = Field(0.9725, ge=-1.0, le=1.0)

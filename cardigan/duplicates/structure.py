@@ -3,15 +3,18 @@ picture, whatever its lighting?
 
 Why: the colour signature (cardigan/duplicates/signature.py) tells a lookalike from a copy, but a
 seller's edit that relights the photo (contrast, colour temperature) moves it as far as a
-lookalike's colours are. The *layout* of light and dark in the crop survives relighting: a
-greyscale thumbnail of the crop's centre, zero mean and unit variance (so brightness and
-contrast drop out), correlates near 1 between a photo and its edited copy and much lower with
-another product, even one of the same cut. The score (cardigan/duplicates/score.py) uses the
-correlation to forgive some colour distance, never to add to the cosine.
+lookalike's colours are. The *layout* of light and dark survives relighting: a greyscale
+thumbnail of the crop's centre, high-passed (each cell less the mean of its 3×3 neighbourhood,
+so the silhouette that every product of one cut shares counts less than the print and the
+folds) and standardised (zero mean, unit variance: brightness and contrast drop out),
+correlates near 1 between a photo and its edited copy and lower with another product of the
+same cut. The score (cardigan/duplicates/score.py) uses the correlation only to forgive some
+colour distance, never to add to the cosine.
 
 Stored like the signature, in the row's ``crop`` JSON under ``"st"``: ``GRID``×``GRID`` int8
-(base64). The thumbnail covers ``PAD`` cells more on each side than the ``CELLS``×``CELLS``
-window that is compared, so a copy cropped a little differently is compared at its best shift.
+(base64, 536 characters). The thumbnail covers ``PAD`` cells more on each side than the
+``CELLS``×``CELLS`` window that is compared, so a copy cropped a little differently is compared
+at its best shift.
 """
 
 from __future__ import annotations
@@ -20,18 +23,19 @@ import base64
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 ST_KEY = "st"  # the key in the row's crop JSON
-CELLS = 8  # the compared window: CELLS × CELLS cells
-PAD = 1  # extra cells each side: shifts of up to PAD cells are tried
+CELLS = 16  # the compared window: CELLS × CELLS cells
+PAD = 2  # extra cells each side: shifts of up to PAD cells each way are tried
 GRID = CELLS + 2 * PAD
-_SPAN = 0.6  # the compared window's side, as a fraction of the crop (the item, little backdrop)
+_SPAN = 0.8  # the compared window's side, as a fraction of the crop
 _SCALE = 127 / 4  # int8 steps per standard deviation (±4 σ kept)
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def structure(pixels: np.ndarray) -> np.ndarray:
-    """uint8 S×S×3 crop → GRID×GRID int8: the greyscale thumbnail, standardised."""
+    """uint8 S×S×3 crop → GRID×GRID int8: the high-passed greyscale thumbnail, standardised."""
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"structure takes an S×S×3 crop, got shape {pixels.shape}")
     s = min(pixels.shape[:2])
@@ -43,31 +47,27 @@ def structure(pixels: np.ndarray) -> np.ndarray:
     a, b = edges[:-1], edges[1:]
     sums = ii[np.ix_(b, b)] - ii[np.ix_(a, b)] - ii[np.ix_(b, a)] + ii[np.ix_(a, a)]
     thumb = sums / np.maximum(np.outer(b - a, b - a), 1)
-    sd = thumb.std()
-    z = (thumb - thumb.mean()) / sd if sd > 1e-3 else np.zeros_like(thumb)
+    high = thumb - sliding_window_view(np.pad(thumb, 1, mode="edge"), (3, 3)).mean(axis=(2, 3))
+    sd = high.std()
+    z = (high - high.mean()) / sd if sd > 1e-3 else np.zeros_like(high)
     return np.clip(np.round(z * _SCALE), -127, 127).astype(np.int8)
 
 
-def _standard(window: np.ndarray) -> np.ndarray | None:
-    w = window.astype(np.float32).ravel()
-    w = w - w.mean()
-    norm = float(np.linalg.norm(w))
-    return w / norm if norm > 1e-6 else None
+def _standard(rows: np.ndarray) -> np.ndarray:
+    """Each row less its mean, to unit length (a flat row stays 0)."""
+    rows = rows - rows.mean(axis=-1, keepdims=True)
+    norm = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return np.divide(rows, norm, out=np.zeros_like(rows), where=norm > 1e-6)
 
 
 def correlation(a: np.ndarray, b: np.ndarray) -> float:
-    """The best correlation of one descriptor's central window with the other's, over shifts of
-    up to ``PAD`` cells either way (both ways round): in [-1, 1]; 0 for a flat crop."""
+    """The best correlation of one descriptor's central window with the other's windows, over
+    shifts of up to ``PAD`` cells each way (both ways round): in [-1, 1]; 0 for a flat crop."""
     best = -1.0
     for x, y in ((a, b), (b, a)):
-        inner = _standard(x[PAD : PAD + CELLS, PAD : PAD + CELLS])
-        if inner is None:
-            return 0.0
-        for dy in range(2 * PAD + 1):
-            for dx in range(2 * PAD + 1):
-                w = _standard(y[dy : dy + CELLS, dx : dx + CELLS])
-                if w is not None:
-                    best = max(best, float(inner @ w))
+        inner = _standard(x[PAD : PAD + CELLS, PAD : PAD + CELLS].astype(np.float32).ravel())
+        windows = _standard(sliding_window_view(y.astype(np.float32), (CELLS, CELLS)).reshape(-1, CELLS * CELLS))
+        best = max(best, float((windows @ inner).max()))
     return best
 
 
