@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image
 
 ST_KEY = "st"  # the key in the row's crop JSON
 CELLS = 16  # the compared window: CELLS × CELLS cells
@@ -31,7 +32,6 @@ PAD = 2  # extra cells each side: shifts of up to PAD cells each way are tried
 GRID = CELLS + 2 * PAD
 _SPAN = 0.8  # the compared window's side, as a fraction of the crop
 _SCALE = 127 / 4  # int8 steps per standard deviation (±4 σ kept)
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def structure(pixels: np.ndarray) -> np.ndarray:
@@ -39,14 +39,11 @@ def structure(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"structure takes an S×S×3 crop, got shape {pixels.shape}")
     s = min(pixels.shape[:2])
-    cell = s * _SPAN / CELLS
-    edges = np.clip(np.round((s - cell * GRID) / 2 + cell * np.arange(GRID + 1)).astype(int), 0, s)
-    grey = pixels[:s, :s].astype(np.float32) @ _LUMA
-    ii = np.zeros((s + 1, s + 1), np.float64)
-    ii[1:, 1:] = grey.cumsum(0).cumsum(1)
-    a, b = edges[:-1], edges[1:]
-    sums = ii[np.ix_(b, b)] - ii[np.ix_(a, b)] - ii[np.ix_(b, a)] + ii[np.ix_(a, a)]
-    thumb = sums / np.maximum(np.outer(b - a, b - a), 1)
+    side = min(float(s), s * _SPAN / CELLS * GRID)  # GRID cells, centred (the whole crop at these sizes)
+    a = (s - side) / 2
+    # Pillow's box filter averages each cell (fractional edges included) in C: ~0.1 ms
+    grey = Image.fromarray(np.ascontiguousarray(pixels[:s, :s])).convert("L").convert("F")
+    thumb = np.asarray(grey.resize((GRID, GRID), Image.Resampling.BOX, box=(a, a, a + side, a + side)), np.float32)
     high = thumb - sliding_window_view(np.pad(thumb, 1, mode="edge"), (3, 3)).mean(axis=(2, 3))
     sd = high.std()
     z = (high - high.mean()) / sd if sd > 1e-3 else np.zeros_like(high)
