@@ -174,3 +174,33 @@ def test_best_pairs_reads_the_structure_from_the_rows() -> None:
     assert d > 0.01
     assert best["old"].score == pytest.approx(0.97 - 1.2 * d, abs=1e-3)  # a row from before: the colour score
     assert best["copy"].score > best["old"].score + 1.2 * min(d, 0.04)
+
+
+def test_best_pairs_keeps_only_pairs_above_min_score_and_the_shortcut_changes_no_kept_score() -> None:
+    px = _blobs(6)
+    st = structure.encode(structure.structure(px))
+    other_st = structure.encode(structure.structure(_blobs(7)))
+
+    def row(pid: str, shift: float, t: str) -> dict:
+        return {
+            "product_id": pid,
+            "image_index": 0,
+            "version": 1,
+            "crop": {"sig": signature.encode(np.full(6, 0.3 + shift, np.float32)), "st": t},
+        }
+
+    s = Scoring(colour_weight=1.2, structure_slack=0.05, structure_floor=0.93)
+    me = row("a", 0.0, st)
+    hits = [
+        [
+            {**row("relit", 0.016, st), "score": 0.97},  # distance 0.039: forgiven, 0.97
+            {**row("alike", 0.016, other_st), "score": 0.97},  # same distance, another layout: 0.923
+            {**row("far", 0.1, st), "score": 0.99},  # distance 0.245: 0.99 - 1.2 * 0.195 even forgiven
+            {**row("same", 0.0, other_st), "score": 0.95},  # the same colours: 0.95
+        ]
+    ]
+    every = best_pairs([me], hits, s)["a"]
+    kept = best_pairs([me], hits, s, min_score=0.94)["a"]
+    assert set(every) == {"relit", "alike", "far", "same"} and set(kept) == {"relit", "same"}
+    assert all(kept[k].score == every[k].score for k in kept)
+    assert every["relit"].score == pytest.approx(0.97, abs=1e-3) and every["alike"].score < 0.93

@@ -84,7 +84,8 @@ class Detector:
                 [r["embedding"] for r in chunk], self.threshold, self.hits_per_image, fields=HIT_FIELDS, consistency="Strong"
             )
             calls += 1
-        best = best_pairs(rows, hits, self.scoring)
+        # the range search's radius bounds the cosine; the pair must clear the threshold as a score too
+        best = best_pairs(rows, hits, self.scoring, min_score=self.threshold)
         found = {pid: sorted(best.get(pid, {}).values(), key=lambda p: -p.score) for pid in pids}
         added, dropped, fresh = self.store.replace(found)
         return CheckResult(len(pids), len(rows), added, dropped, fresh, time.perf_counter() - t0, len(todo), calls)
