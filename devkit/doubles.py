@@ -13,10 +13,11 @@ and listings we must *not* flag (hard negatives):
 - ``alike``: the same category and colours, another pattern.
 
 ``measure`` embeds every photo with the encoder the workers use (same crop and resize) and takes
-its colour signature from the same crop, scores each pair of products with the detector's own
-function (cardigan/duplicates/score.py: the best image pair's cosine less the colour distance,
-over each image's ``hits_per_image`` nearest neighbours) and reports precision and recall per
-threshold. ``python -m devkit.doubles`` prints the table and
+its colour signature and structure descriptor from the same crop, scores each pair of products
+with the detector's own function (cardigan/duplicates/score.py: the best image pair's cosine less
+the colour distance the structure does not forgive, over each image's ``hits_per_image`` nearest
+neighbours) and reports precision and recall per threshold (``--structure-slack 0``: the colour
+signature alone). ``python -m devkit.doubles`` prints the table and
 draws the curve (docs/img/duplicates_pr.png).
 """
 

@@ -2,7 +2,8 @@
 primary key, for the products whose rows the caller does not hold).
 
 Two products are a candidate double listing when their best-matching pair of images scores
-above the threshold: the cosine less a colour-signature distance (cardigan/duplicates/score.py).
+above the threshold: the cosine less a colour-signature distance, part of which a matching
+structure forgives (cardigan/duplicates/score.py); only such pairs are recorded.
 A check replaces the product's pairs with what it finds now, so a modify that changed the photos
 drops the pairs that no longer hold, and a deleted product (no rows left) loses all of its pairs.
 
