@@ -13,10 +13,11 @@ and listings we must *not* flag (hard negatives):
 - ``alike``: the same category and colours, another pattern.
 
 ``measure`` embeds every photo with the encoder the workers use (same crop and resize) and takes
-its colour signature from the same crop, scores each pair of products with the detector's own
-function (cardigan/duplicates/score.py: the best image pair's cosine less the colour distance,
-over each image's ``hits_per_image`` nearest neighbours) and reports precision and recall per
-threshold. ``python -m devkit.doubles`` prints the table and
+its colour signature and structure descriptor from the same crop, scores each pair of products
+with the detector's own function (cardigan/duplicates/score.py: the best image pair's cosine less
+the colour distance the structure does not forgive, over each image's ``hits_per_image`` nearest
+neighbours) and reports precision and recall per threshold (``--structure-slack 0``: the colour
+signature alone). ``python -m devkit.doubles`` prints the table and
 draws the curve (docs/img/duplicates_pr.png).
 """
 
@@ -197,12 +198,13 @@ def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3
 
 def product_vectors(
     products: Sequence[SyntheticProduct], encoder: Any, *, size: int, batch: int = 32
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Each product's image embeddings and colour signatures, from crops made exactly as the
-    workers make them (the localiser included, for busy photos without a box)."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each product's image embeddings, colour signatures and structure descriptors, from crops
+    made exactly as the workers make them (the localiser included, for busy photos without a box)."""
     import torch
 
     from cardigan.duplicates.signature import colour_signature
+    from cardigan.duplicates.structure import structure
     from cardigan.imaging.crop import preprocess_pixels
     from cardigan.imaging.localise import localiser_for
     from config.settings import CropSettings
@@ -214,38 +216,53 @@ def product_vectors(
     flat = [(p.product_id, img) for p in products for img in p.images]
     vecs: list[np.ndarray] = []
     sigs: list[np.ndarray] = []
+    sts: list[np.ndarray] = []
     for i in range(0, len(flat), batch):
         pixels = [
             preprocess_pixels(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0]
             for _, img in flat[i : i + batch]
         ]
         sigs += [colour_signature(px) for px in pixels]
+        sts += [structure(px) for px in pixels]
         vecs.append(encoder.embed(torch.stack([torch.from_numpy(normalise(px)) for px in pixels])))
     allv = np.concatenate(vecs) if vecs else np.empty((0, 512), np.float32)
     out: dict[str, list[np.ndarray]] = {}
     out_sig: dict[str, list[np.ndarray]] = {}
-    for (pid, _), v, g in zip(flat, allv, sigs, strict=True):
+    out_st: dict[str, list[np.ndarray]] = {}
+    for (pid, _), v, g, st in zip(flat, allv, sigs, sts, strict=True):
         out.setdefault(pid, []).append(v)
         out_sig.setdefault(pid, []).append(g)
-    return {pid: np.stack(v) for pid, v in out.items()}, {pid: np.stack(v) for pid, v in out_sig.items()}
+        out_st.setdefault(pid, []).append(st)
+    stack = lambda d: {pid: np.stack(v) for pid, v in d.items()}  # noqa: E731
+    return stack(out), stack(out_sig), stack(out_st)
 
 
 def pair_scores(
-    vectors: dict[str, np.ndarray], sigs: dict[str, np.ndarray] | None, scoring: Any, *, hits_per_image: int, radius: float
+    vectors: dict[str, np.ndarray],
+    sigs: dict[str, np.ndarray] | None,
+    scoring: Any,
+    *,
+    hits_per_image: int,
+    radius: float,
+    structures: dict[str, np.ndarray] | None = None,
 ) -> dict[frozenset[str], float]:
     """Every pair's score as the detector computes it (cardigan/duplicates/score.best_pairs):
     each image's hits are its ``hits_per_image`` nearest images above ``radius`` (its own and
-    its product's included, as in the index), signatures stored and read back as the rows keep
-    them. The detector checks the product written later; here each product is checked against
+    its product's included, as in the index), signatures and structure descriptors stored and
+    read back as the rows keep them. The detector checks the product written later; here each product is checked against
     all the others and a pair keeps the better of its two directions."""
-    from cardigan.duplicates import signature
+    from cardigan.duplicates import signature, structure
     from cardigan.duplicates.score import best_pairs
 
     ids = sorted(vectors)
     rows: list[dict[str, Any]] = []
     for p in ids:
         for i in range(len(vectors[p])):
-            crop = {"bbox": None} if sigs is None else {"bbox": None, signature.SIG_KEY: signature.encode(sigs[p][i])}
+            crop: dict[str, Any] = {"bbox": None}
+            if sigs is not None:
+                crop[signature.SIG_KEY] = signature.encode(sigs[p][i])
+            if structures is not None:
+                crop[structure.ST_KEY] = structure.encode(structures[p][i])
             rows.append({"product_id": p, "image_index": i, "version": 1, "crop": crop})
     m = np.concatenate([vectors[p] for p in ids]).astype(np.float32)
     sims = m @ m.T
@@ -401,16 +418,26 @@ def measure(
     cache_dir: str | None = None,
     colour_weight: float | None = None,
     hits_per_image: int | None = None,
+    structure_slack: float | None = None,
+    structure_floor: float | None = None,
 ) -> dict[str, Any]:
     """The whole measurement for one encoder: catalog, planted listings, scores, curve.
-    ``colour_weight`` and ``hits_per_image`` default to the detector's settings."""
+    ``colour_weight``, ``hits_per_image`` and the structure settings default to the detector's
+    (``structure_slack=0``: the colour signature alone, as before the structure descriptor)."""
     from cardigan.duplicates.score import Scoring
+    from cardigan.duplicates.structure import GRID
     from config.settings import DuplicateSettings, EncoderSettings
     from encoder import build_encoder
 
     d = DuplicateSettings()
     weight = d.colour_weight if colour_weight is None else colour_weight
     k = d.hits_per_image if hits_per_image is None else hits_per_image
+    scoring = replace(
+        Scoring.from_settings(d),
+        colour_weight=weight,
+        structure_slack=d.structure_slack if structure_slack is None else structure_slack,
+        structure_floor=d.structure_floor if structure_floor is None else structure_floor,
+    )
 
     t = time.perf_counter()
     catalog = generate_catalog(n_products, seed=seed, prefix="pr")
@@ -421,14 +448,16 @@ def measure(
         enc = build_encoder(EncoderSettings(backbone=backbone, weights=weights, image_size=image_size)).load()
     cache = Path(cache_dir) / f"vectors-{n_products}-{seed}-{backbone.replace(':', '_')}-{weights}-{image_size}.npz" if cache_dir else None
     with np.load(cache) if cache is not None and cache.is_file() else _nothing() as z:
-        vecs = {f: z[f] for f in z.files if not f.startswith("sig:")}
+        vecs = {f: z[f] for f in z.files if ":" not in f}
         sigs = {f[4:]: z[f] for f in z.files if f.startswith("sig:")}
-    if not vecs or not sigs:  # no cache, or one from before signatures
-        vecs, sigs = product_vectors(catalog + planted.products, enc, size=image_size)
+        sts = {f[3:]: z[f] for f in z.files if f.startswith("st:")}
+    # no cache, or one from before signatures or structure descriptors (of this size)
+    if not vecs or not sigs or not sts or any(v.shape[1:] != (GRID, GRID) for v in sts.values()):
+        vecs, sigs, sts = product_vectors(catalog + planted.products, enc, size=image_size)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **vecs, **{f"sig:{p}": g for p, g in sigs.items()})
-    scores = pair_scores(vecs, sigs, Scoring(colour_weight=weight), hits_per_image=k, radius=lo)
+            np.savez(cache, **vecs, **{f"sig:{p}": g for p, g in sigs.items()}, **{f"st:{p}": g for p, g in sts.items()})
+    scores = pair_scores(vecs, sigs, scoring, hits_per_image=k, radius=lo, structures=sts)
     thresholds = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
     points = curve(scores, planted, thresholds)
     best = choose(points)
@@ -436,7 +465,8 @@ def measure(
     default = default if abs(default.threshold - d.threshold) < 1e-6 else None
     return {
         "encoder": f"{backbone} weights={weights} size={image_size}",
-        "scoring": f"colour_weight={weight} hits_per_image={k}",
+        "scoring": f"colour_weight={weight} structure_slack={scoring.structure_slack} "
+        f"structure_floor={scoring.structure_floor} hits_per_image={k}",
         "model_version": enc.model_version,
         "products": len(vecs),
         "images": sum(len(v) for v in vecs.values()),
@@ -465,10 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=None, help="keep the embeddings in this folder (re-scoring is then instant)")
     ap.add_argument("--colour-weight", type=float, default=None, help="default: duplicates.colour_weight (0: cosine alone)")
     ap.add_argument("--hits-per-image", type=int, default=None, help="default: duplicates.hits_per_image")
+    ap.add_argument("--structure-slack", type=float, default=None, help="default: duplicates.structure_slack (0: colour alone)")
+    ap.add_argument("--structure-floor", type=float, default=None, help="default: duplicates.structure_floor")
     a = ap.parse_args(argv)
     res = measure(
         a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache,
-        colour_weight=a.colour_weight, hits_per_image=a.hits_per_image,
+        colour_weight=a.colour_weight, hits_per_image=a.hits_per_image, structure_slack=a.structure_slack,
+        structure_floor=a.structure_floor,
     )  # fmt: skip
     c, dflt = res["chosen"], res["default"]
     print(f"{res['encoder']} ({res['model_version']}), {res['scoring']}: {res['products']} products, {res['images']} images, "

@@ -250,3 +250,47 @@ def test_written_products_are_queued_before_the_ack_and_checked_from_the_writers
     finally:
         index.drop(live)
         index.close()
+
+
+def test_the_detector_records_only_pairs_whose_score_clears_the_threshold(stack: StackInfo, store: PairStore) -> None:
+    """Four listings of one vector: the range search finds every pair (cosine 1), the score
+    decides. The same colours pass; colours 0.04 apart pass only because the crops' structure
+    matches (a relit copy); another colour with the same structure does not."""
+    import numpy as np
+
+    from cardigan.duplicates import signature, structure
+    from cardigan.duplicates.detect import Detector
+    from cardigan.store.index import Index
+
+    rng = np.random.default_rng(5)
+    st = structure.encode(structure.structure(np.repeat(np.repeat(rng.integers(0, 255, (14, 14, 3), np.uint8), 16, 0), 16, 1)))
+    sig = {"x": 0.0, "y": 0.0, "relit": 0.04 / np.sqrt(6), "recolour": 0.1}  # distance from x: 0, 0, 0.04, 0.245
+    index = Index(stack.milvus_uri, alias=store.alias)
+    live = index.ensure()
+    try:
+        rows = [
+            {
+                "pk": f"{p}#0",
+                "product_id": p,
+                "image_index": 0,
+                "image_uri": "s3://b/k",
+                "crop": {"bbox": None, "sig": signature.encode(np.full(6, 0.3 + d, np.float32)), "st": st},
+                "version": 1,
+                "model_version": "m",
+                "attributes": {},
+                "embedding": [1.0] + [0.0] * 511,
+            }
+            for p, d in sig.items()
+        ]
+        index.upsert(live, rows)
+        scoring = Scoring(colour_weight=1.2, structure_slack=0.05, structure_floor=0.93)
+        Detector(index, store, threshold=0.97, max_images=4, scoring=scoring).check(list(sig))
+        got = {(p.a, p.b): p.score for p in store.all_pairs()}
+        assert set(got) == {("x", "y"), ("relit", "x"), ("relit", "y")}
+        assert min(got.values()) > 0.97
+        # without the structure the relit copy scores 1 - 1.2 * 0.04 = 0.952: dropped on a re-check
+        Detector(index, store, threshold=0.97, max_images=4, scoring=Scoring(colour_weight=1.2)).check(list(sig))
+        assert {(p.a, p.b) for p in store.all_pairs()} == {("x", "y")}
+    finally:
+        index.drop(live)
+        index.close()

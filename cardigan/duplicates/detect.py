@@ -2,7 +2,8 @@
 primary key, for the products whose rows the caller does not hold).
 
 Two products are a candidate double listing when their best-matching pair of images scores
-above the threshold: the cosine less a colour-signature distance (cardigan/duplicates/score.py).
+above the threshold: the cosine less a colour-signature distance, part of which a matching
+structure forgives (cardigan/duplicates/score.py); only such pairs are recorded.
 A check replaces the product's pairs with what it finds now, so a modify that changed the photos
 drops the pairs that no longer hold, and a deleted product (no rows left) loses all of its pairs.
 
@@ -84,7 +85,8 @@ class Detector:
                 [r["embedding"] for r in chunk], self.threshold, self.hits_per_image, fields=HIT_FIELDS, consistency="Strong"
             )
             calls += 1
-        best = best_pairs(rows, hits, self.scoring)
+        # the range search's radius bounds the cosine; the pair must clear the threshold as a score too
+        best = best_pairs(rows, hits, self.scoring, min_score=self.threshold)
         found = {pid: sorted(best.get(pid, {}).values(), key=lambda p: -p.score) for pid in pids}
         added, dropped, fresh = self.store.replace(found)
         return CheckResult(len(pids), len(rows), added, dropped, fresh, time.perf_counter() - t0, len(todo), calls)

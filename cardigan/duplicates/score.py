@@ -5,9 +5,17 @@ An image pair scores its cosine minus ``colour_weight`` times the distance betwe
 images' colour signatures (cardigan/duplicates/signature.py): a re-photographed or edited copy
 keeps its colours, a lookalike of the same shape usually does not. A pair where either image has
 no signature (rows written before signatures existed) scores its cosine minus
-``unsigned_penalty``, which makes its bar the vector-only threshold that held before. A product
-pair's score is its best image pair's. Every image score is at most its cosine, so a range
-search with the threshold as radius finds every image pair that can pass.
+``unsigned_penalty``, which makes its bar the vector-only threshold that held before.
+
+A seller's edit that relights a photo moves its colour signature as far as a lookalike's; the
+two images' structure descriptors (cardigan/duplicates/structure.py: a standardised greyscale
+thumbnail, blind to brightness and contrast) then still correlate. So the first
+``structure_slack`` of colour distance is forgiven in proportion to how far the correlation
+rises above ``structure_floor`` (all of it at correlation 1): only the distance beyond that is
+charged. A distance well beyond the slack (the same design in another colour) is still charged,
+and a pair without descriptors on both sides scores as before. A product pair's score is its
+best image pair's. Every image score is at most its cosine, so a range search with the
+threshold as radius finds every image pair that can pass.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from cardigan.duplicates import signature
+from cardigan.duplicates import signature, structure
 from cardigan.duplicates.pairs import Pair
 
 
@@ -25,34 +33,70 @@ from cardigan.duplicates.pairs import Pair
 class Scoring:
     colour_weight: float = 1.2  # cosine given up per unit of signature distance
     unsigned_penalty: float = 0.0  # subtracted when a signature is missing (≥ 0)
+    structure_slack: float = 0.0  # colour distance forgiven at structure correlation 1 (0: none)
+    structure_floor: float = 0.9  # correlation at or below which nothing is forgiven (< 1)
 
     @staticmethod
     def from_settings(d: Any) -> Scoring:
         """From ``DuplicateSettings``: unsigned pairs must clear ``vector_threshold`` as a cosine."""
-        return Scoring(colour_weight=d.colour_weight, unsigned_penalty=max(0.0, d.vector_threshold - d.threshold))
+        return Scoring(
+            colour_weight=d.colour_weight,
+            unsigned_penalty=max(0.0, d.vector_threshold - d.threshold),
+            structure_slack=d.structure_slack,
+            structure_floor=d.structure_floor,
+        )
 
 
-def image_score(cosine: float, sig_a: np.ndarray | None, sig_b: np.ndarray | None, scoring: Scoring) -> float:
-    """One image pair's score (≤ ``cosine``)."""
+def forgiven(correlation: float, scoring: Scoring) -> float:
+    """The colour distance forgiven for this structure correlation: 0 up to the floor, rising
+    linearly to ``structure_slack`` at correlation 1."""
+    if scoring.structure_slack <= 0 or correlation <= scoring.structure_floor:
+        return 0.0
+    return scoring.structure_slack * min(1.0, (correlation - scoring.structure_floor) / (1.0 - scoring.structure_floor))
+
+
+def image_score(
+    cosine: float,
+    sig_a: np.ndarray | None,
+    sig_b: np.ndarray | None,
+    scoring: Scoring,
+    st_a: np.ndarray | None = None,
+    st_b: np.ndarray | None = None,
+    above: float | None = None,
+) -> float:
+    """One image pair's score (≤ ``cosine``); ``st_*``: the structure descriptors, if stored.
+    ``above``: only scores above it matter (the detector's threshold), so the structure
+    correlation (~35 µs) is skipped where even the whole slack could not lift the pair over it:
+    the score returned is then the colour score, also not above it."""
     if sig_a is None or sig_b is None:
         return cosine - scoring.unsigned_penalty
-    return cosine - scoring.colour_weight * float(np.linalg.norm(sig_a - sig_b))
+    distance = float(np.linalg.norm(sig_a - sig_b))
+    if st_a is not None and st_b is not None and scoring.structure_slack > 0 and distance > 0:
+        if above is None or cosine - scoring.colour_weight * max(0.0, distance - scoring.structure_slack) > above:
+            distance = max(0.0, distance - forgiven(structure.correlation(st_a, st_b), scoring))
+    return cosine - scoring.colour_weight * distance
 
 
-def best_pairs(rows: list[dict], hits: list[list[dict]], scoring: Scoring, at: float | None = None) -> dict[str, dict[str, Pair]]:
+def best_pairs(
+    rows: list[dict], hits: list[list[dict]], scoring: Scoring, at: float | None = None, min_score: float | None = None
+) -> dict[str, dict[str, Pair]]:
     """Per checked product (``rows``: its images, with ``crop``), its best-scoring image pair with
     every other product its images hit (``hits[i]``: the range-search hits of ``rows[i]``, each
-    with ``score`` = cosine, ``product_id``, ``image_index``, ``version`` and ``crop``)."""
+    with ``score`` = cosine, ``product_id``, ``image_index``, ``version`` and ``crop``).
+    ``min_score``: only pairs scoring above it (the detector's threshold; None: every hit, as the
+    measurement needs to sweep thresholds)."""
     best: dict[str, dict[str, Pair]] = {}
     for row, row_hits in zip(rows, hits, strict=True):
         pid = str(row["product_id"])
         mine = best.setdefault(pid, {})
-        sig = signature.of_row(row)
+        sig, st = signature.of_row(row), structure.of_row(row)
         for h in row_hits:
             other = str(h["product_id"])
             if other == pid:
                 continue
-            s = image_score(float(h["score"]), sig, signature.of_row(h), scoring)
+            s = image_score(float(h["score"]), sig, signature.of_row(h), scoring, st, structure.of_row(h), above=min_score)
+            if min_score is not None and s <= min_score:
+                continue
             cur = mine.get(other)
             if cur is None or s > cur.score:
                 mine[other] = Pair.of(
