@@ -229,6 +229,19 @@ def test_a_product_of_thin_strokes_is_still_trimmed() -> None:
     assert _close(found[0], (100, 80, 250, 231), slack=8)
 
 
+def test_small_pieces_scattered_over_the_backdrop_stay_in_the_box() -> None:
+    # Beads, a starfield: the thin parts are most of what differs from the backdrop, so they are
+    # the product, not a watermark beside it; the one thick piece alone is not the box.
+    arr = np.full((300, 400, 3), 255, np.uint8)
+    arr[130:170, 180:220] = 30
+    for y in range(40, 261, 44):
+        for x in range(40, 361, 64):
+            arr[y : y + 6, x : x + 6] = 30
+    found = trim_box(_jpeg(Image.fromarray(arr)))
+    assert found is not None
+    assert _close(found[0], (40, 40, 366, 266), slack=12), found[0]
+
+
 def test_busy_photo_is_centre_cropped() -> None:
     noise = np.random.default_rng(1).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     crop, method = crop_image(Image.fromarray(noise), None)

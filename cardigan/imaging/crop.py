@@ -47,6 +47,7 @@ BORDER_TOLERANCE = 20  # a border pixel within this (max over channels) counts a
 BORDER_UNIFORM = 0.75  # share of border pixels that must be background (a product may touch it)
 FOREGROUND_THRESHOLD = 28  # a pixel further than this from the background is product
 OPENING = 5  # odd: strokes thinner than this (pixels of the search copy) are not product
+OPENED_KEEPS = 0.75  # ... unless what the opening leaves out is over a quarter of the foreground
 MIN_LINE_PIXELS = 2  # product pixels a row/column of the search copy needs to count
 MIN_OBJECT_SHARE = 0.005  # smaller boxes are specks or dust, not a product
 MAX_OBJECT_SHARE = 0.97  # a box this close to the whole image gains nothing over centre
@@ -302,14 +303,20 @@ def _trim_search(small: Image.Image) -> tuple[Box, RGB] | None:
     # An opening (erode, then dilate) drops strokes thinner than OPENING pixels of the search
     # copy: a reseller's watermark text apart from the item must not stretch the box. The box
     # of what survives then grows over the thin parts that touch it. A product that is all thin
-    # strokes (a belt, a chain) has nothing left: the mask as it was.
+    # strokes (a belt, a chain) has nothing left: the mask as it was. So does one whose thin
+    # parts are most of what differs from the backdrop (small pieces scattered over it, a
+    # speckled pattern): a watermark is a small share of the photo's foreground, not most of it.
     mask = np.asarray(mask_img) > 0
     opened = _open(mask, OPENING // 2)
     lines = _lines(opened)
-    if lines is None or _area(lines) < MIN_OBJECT_SHARE * small.width * small.height:
+    found = None
+    if lines is not None and _area(lines) >= MIN_OBJECT_SHARE * small.width * small.height:
+        grown = _grow(lines, mask)  # thin parts attached to the item (a bag's handle) are product
+        left, top, right, bottom = grown
+        if np.count_nonzero(mask[top:bottom, left:right]) >= OPENED_KEEPS * np.count_nonzero(mask):
+            found = grown
+    if found is None:
         found = _lines(mask)
-    else:
-        found = _grow(lines, mask)  # thin parts attached to the item (a bag's handle) are product
     if found is None:
         return None
     small_w, small_h = small.size
