@@ -73,6 +73,7 @@ def test_e2e_add_modify_delete(ns: Namespace) -> None:
     rows = index.get_product("sku-1", 8)
     hits = index.search([rows[0]["embedding"]], 3, consistency="Strong")[0]
     assert hits[0]["product_id"] == "sku-1" and hits[0]["score"] > 0.99, [(h["pk"], h["score"]) for h in hits]
+    assert "crop" not in hits[0] and hits[0]["image_uri"]  # a search does not carry the duplicate descriptors
     assert rows[0]["model_version"].startswith("mobilenet_v3_small")
 
     # modify replaces every vector: 3 images become 1

@@ -17,7 +17,7 @@ from pymilvus import MilvusClient, MilvusException
 from pymilvus.exceptions import DataNotMatchException, DataTypeNotMatchException, ParamError, PrimaryKeyException
 
 from cardigan.errors import CardiganError, IndexRejected, IndexUnavailable
-from cardigan.store.schema import OUTPUT_FIELDS, collection_schema, index_params
+from cardigan.store.schema import OUTPUT_FIELDS, SEARCH_FIELDS, collection_schema, index_params
 from config.settings import Settings, redact_url
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ class Index:
             data=[list(map(float, v)) for v in vectors],
             limit=k,
             filter=filter,
-            output_fields=OUTPUT_FIELDS,
+            output_fields=SEARCH_FIELDS,
             search_params={"metric_type": "COSINE", "params": {"ef": max(64, k)}},
             consistency_level=consistency,
         )

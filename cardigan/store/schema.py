@@ -13,6 +13,9 @@ from pymilvus import CollectionSchema, DataType, MilvusClient
 DIM = 512  # encoder.model.EMBEDDING_DIM (tests/test_encoder.py checks they agree)
 PK, VECTOR = "pk", "embedding"
 OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes"]
+# what a similarity search returns: not the crop JSON, whose duplicate-detection descriptors
+# ("sig", "st": ~0.6 kB a row) no search reader uses, on every one of its k x 4 hits
+SEARCH_FIELDS = [f for f in OUTPUT_FIELDS if f != "crop"]
 
 
 def collection_schema() -> CollectionSchema:
