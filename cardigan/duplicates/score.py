@@ -66,7 +66,7 @@ def image_score(
 ) -> float:
     """One image pair's score (≤ ``cosine``); ``st_*``: the structure descriptors, if stored.
     ``above``: only scores above it matter (the detector's threshold), so the structure
-    correlation (~35 µs) is skipped where even the whole slack could not lift the pair over it:
+    correlation (~70 µs) is skipped where even the whole slack could not lift the pair over it:
     the score returned is then the colour score, also not above it."""
     if sig_a is None or sig_b is None:
         return cosine - scoring.unsigned_penalty

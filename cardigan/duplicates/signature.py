@@ -40,16 +40,23 @@ def encode(sig: np.ndarray) -> str:
     return base64.b64encode(np.asarray(sig, dtype="<f2").tobytes()).decode("ascii")
 
 
-def decode(raw: Any) -> np.ndarray | None:
-    """A stored signature back to float32, or None if absent or malformed (rows written before
-    signatures existed, or by another version: the detector then scores by the vector alone)."""
+def stored_bytes(raw: Any, n: int) -> bytes | None:
+    """A value kept in a row's crop JSON (base64 of exactly ``n`` bytes) back to bytes, or None
+    if absent or malformed: what a search hit carries is read, never trusted."""
     if not isinstance(raw, str):
         return None
     try:
         buf = base64.b64decode(raw.encode("ascii"), validate=True)
     except (ValueError, UnicodeEncodeError):
         return None
-    if len(buf) != 2 * SIG_LEN:
+    return buf if len(buf) == n else None
+
+
+def decode(raw: Any) -> np.ndarray | None:
+    """A stored signature back to float32, or None if absent or malformed (rows written before
+    signatures existed, or by another version: the detector then scores by the vector alone)."""
+    buf = stored_bytes(raw, 2 * SIG_LEN)
+    if buf is None:
         return None
     sig = np.frombuffer(buf, dtype="<f2").astype(np.float32)
     return sig if np.all(np.isfinite(sig)) else None

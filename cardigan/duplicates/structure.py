@@ -26,6 +26,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
+from cardigan.duplicates.signature import stored_bytes
+
 ST_KEY = "st"  # the key in the row's crop JSON
 CELLS = 16  # the compared window: CELLS × CELLS cells
 PAD = 2  # extra cells each side: shifts of up to PAD cells each way are tried
@@ -76,15 +78,8 @@ def encode(st: np.ndarray) -> str:
 def decode(raw: Any) -> np.ndarray | None:
     """A stored descriptor back to GRID×GRID int8, or None if absent or malformed (rows written
     before it existed, or by another version: the score then uses the colour signature alone)."""
-    if not isinstance(raw, str):
-        return None
-    try:
-        buf = base64.b64decode(raw.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError):
-        return None
-    if len(buf) != GRID * GRID:
-        return None
-    return np.frombuffer(buf, dtype=np.int8).reshape(GRID, GRID)
+    buf = stored_bytes(raw, GRID * GRID)
+    return None if buf is None else np.frombuffer(buf, dtype=np.int8).reshape(GRID, GRID)
 
 
 def of_row(row: dict[str, Any]) -> np.ndarray | None:

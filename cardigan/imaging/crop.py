@@ -179,10 +179,7 @@ def trim_reduced(small: Image.Image, factor: int, size: tuple[int, int]) -> tupl
     found = _trim_search(region)
     if framed and (found is None or _area(found[0]) < NESTED_MIN_SHARE * region.width * region.height):
         # a busy photo in the frame, or a logo on a plain product: the framed photo itself
-        pixels = np.asarray(region).astype(np.int16)
-        border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]))
-        median = np.median(border, axis=0)
-        found = ((0, 0, region.width, region.height), (int(median[0]), int(median[1]), int(median[2])))
+        found = ((0, 0, region.width, region.height), _rgb(_border(region)[1]))
     if found is None:
         return None
     (left, top, right, bottom), colour = found
@@ -211,14 +208,10 @@ def _frame(small: Image.Image) -> Box | None:
     w, h = small.size
     if w < 16 or h < 16 or small.mode != "RGB":
         return None
-    pixels = np.asarray(small)
-    border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1])).astype(np.int16)
-    median = np.median(border, axis=0)
+    border, median = _border(small)
     if (np.abs(border - median).max(axis=1) <= FRAME_TOLERANCE).mean() < FRAME_UNIFORM:
         return None
-    colour = (int(median[0]), int(median[1]), int(median[2]))
-    r, g, b = ImageChops.difference(small, Image.new("RGB", small.size, colour)).split()
-    off = np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b).point(_FRAME_LUT)) > 0
+    off = _off_colour(small, _rgb(median), _FRAME_LUT)
     rows = off[:, w // 4 : w - w // 4].mean(axis=1)
     cols = off[h // 4 : h - h // 4].mean(axis=0)
     most = FRAME_MAX_SIDE * min(h, w)
@@ -234,6 +227,24 @@ def _frame(small: Image.Image) -> Box | None:
         sides.append(k + FRAME_INSET)
     left, top, right, bottom = sides[0], sides[1], w - sides[2], h - sides[3]
     return (left, top, right, bottom) if right - left >= 8 and bottom - top >= 8 else None
+
+
+def _border(small: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The outermost ring of ``small``'s pixels (int16, N×3) and its median (per channel)."""
+    pixels = np.asarray(small).astype(np.int16)
+    border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]))
+    return border, np.median(border, axis=0)
+
+
+def _rgb(median: np.ndarray) -> RGB:
+    return (int(median[0]), int(median[1]), int(median[2]))
+
+
+def _off_colour(small: Image.Image, colour: RGB, lut: list[int]) -> np.ndarray:
+    """Where ``small`` differs from ``colour`` by more than ``lut``'s threshold (max over
+    channels), as a bool mask: in Pillow's C loops, ~10x faster than the same in numpy on int16."""
+    r, g, b = ImageChops.difference(small, Image.new("RGB", small.size, colour)).split()
+    return np.asarray(ImageChops.lighter(ImageChops.lighter(r, g), b).point(lut)) > 0
 
 
 def _lines(mask: np.ndarray) -> Box | None:
@@ -287,26 +298,19 @@ def _area(box: Box) -> int:
 def _trim_search(small: Image.Image) -> tuple[Box, RGB] | None:
     """What differs from ``small``'s near-uniform border: its tight box in ``small``'s pixels,
     and the border colour."""
-    pixels = np.asarray(small).astype(np.int16)
-    if pixels.ndim != 3 or pixels.shape[0] < 3 or pixels.shape[1] < 3:
+    if small.mode != "RGB" or small.width < 3 or small.height < 3:
         return None
-    border = np.concatenate((pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]))
-    background = np.median(border, axis=0)
-    near = np.abs(border - background).max(axis=1) <= BORDER_TOLERANCE
-    if near.mean() < BORDER_UNIFORM:
+    border, median = _border(small)
+    if (np.abs(border - median).max(axis=1) <= BORDER_TOLERANCE).mean() < BORDER_UNIFORM:
         return None
-    colour: RGB = (int(background[0]), int(background[1]), int(background[2]))
-    # max over channels of |pixel - background|, thresholded: in Pillow's C loops, ~10x
-    # faster than the same in numpy on int16.
-    r, g, b = ImageChops.difference(small, Image.new("RGB", small.size, colour)).split()
-    mask_img = ImageChops.lighter(ImageChops.lighter(r, g), b).point(_FOREGROUND_LUT)
+    colour = _rgb(median)
     # An opening (erode, then dilate) drops strokes thinner than OPENING pixels of the search
     # copy: a reseller's watermark text apart from the item must not stretch the box. The box
     # of what survives then grows over the thin parts that touch it. A product that is all thin
     # strokes (a belt, a chain) has nothing left: the mask as it was. So does one whose thin
     # parts are most of what differs from the backdrop (small pieces scattered over it, a
     # speckled pattern): a watermark is a small share of the photo's foreground, not most of it.
-    mask = np.asarray(mask_img) > 0
+    mask = _off_colour(small, colour, _FOREGROUND_LUT)
     opened = _open(mask, OPENING // 2)
     lines = _lines(opened)
     found = None
