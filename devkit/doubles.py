@@ -12,6 +12,10 @@ and listings we must *not* flag (hard negatives):
 - ``recolour``: the same design in another colour;
 - ``alike``: the same category and colours, another pattern.
 
+The catalog itself can draw two products alike by chance (same cut, same pattern, colours a photo's
+lighting can make the same: most often two plain items of one hue); no image can tell those apart,
+so ``Planted.drawn_alike`` names them and the table counts them beside the strict false positives.
+
 ``measure`` embeds every photo with the encoder the workers use (same crop and resize) and takes
 its colour signature and structure descriptor from the same crop, scores each pair of products
 with the detector's own function (cardigan/duplicates/score.py: the best image pair's cosine less
@@ -63,6 +67,32 @@ class Planted:
     products: list[SyntheticProduct] = field(default_factory=list)
     positives: dict[frozenset[str], str] = field(default_factory=dict)  # pair -> kind
     negatives: dict[frozenset[str], str] = field(default_factory=dict)  # hard negative pair -> kind
+    # pairs planted as neither whose looks the generator drew the same (same_look): not doubles
+    # by the truth, indistinguishable in any photo
+    drawn_alike: set[frozenset[str]] = field(default_factory=set)
+
+
+# Within these, two colours are one colour to a photo: the generator's lighting alone moves a
+# colour's value by up to ±20 % and its hue visibly less than 0.03.
+SAME_HUE, SAME_SATURATION, SAME_VALUE = 0.03, 0.1, 0.1
+
+
+def _same_colour(a: tuple[int, int, int], b: tuple[int, int, int]) -> bool:
+    h1, s1, v1 = colorsys.rgb_to_hsv(*(x / 255 for x in a))
+    h2, s2, v2 = colorsys.rgb_to_hsv(*(x / 255 for x in b))
+    dh = abs(h1 - h2)
+    grey = max(s1, s2) < 0.15  # hue means nothing for a near-grey
+    return (grey or min(dh, 1 - dh) <= SAME_HUE) and abs(s1 - s2) <= SAME_SATURATION and abs(v1 - v2) <= SAME_VALUE
+
+
+def same_look(a: _Look, b: _Look) -> bool:
+    """Two looks no photo can tell apart: same cut and pattern, the same colours (a plain item
+    shows only its base colour), and for a print the same scale (period within 4 px) and angle."""
+    if a.category != b.category or a.pattern != b.pattern or not _same_colour(a.base, b.base):
+        return False
+    if a.pattern == "solid":
+        return True
+    return _same_colour(a.accent, b.accent) and abs(a.period - b.period) <= 4 and a.angle == b.angle
 
 
 def _look(p: SyntheticProduct) -> _Look:
@@ -136,8 +166,8 @@ def _hue_shift(c: tuple[int, int, int], by: float) -> tuple[int, int, int]:
     return (round(r * 255), round(g * 255), round(b * 255))
 
 
-def _listing(orig: SyntheticProduct, kind: str, pid: str, rng: np.random.Generator) -> SyntheticProduct:
-    """One planted listing of ``kind`` derived from ``orig``."""
+def _listing(orig: SyntheticProduct, kind: str, pid: str, rng: np.random.Generator) -> tuple[SyntheticProduct, _Look]:
+    """One planted listing of ``kind`` derived from ``orig``, and the look it shows."""
     seed = orig.seed
     n = max(1, len(orig.images) - int(rng.integers(0, 2)))
     if kind in ("edited", "marked"):
@@ -147,7 +177,7 @@ def _listing(orig: SyntheticProduct, kind: str, pid: str, rng: np.random.Generat
         for i, src in enumerate(srcs):
             data, bbox = fn(src, _rng(seed, pid, kind, i))
             imgs.append(SyntheticImage(key=f"{pid}/{i}.jpg", data=data, bbox=bbox))
-        return SyntheticProduct(pid, orig.category, imgs, 0, seed)
+        return SyntheticProduct(pid, orig.category, imgs, 0, seed), _look(orig)
     look = _look(orig)
     if kind == "recolour":
         by = float(rng.uniform(0.25, 0.75))
@@ -163,7 +193,7 @@ def _listing(orig: SyntheticProduct, kind: str, pid: str, rng: np.random.Generat
         )
     elif kind != "rephoto":
         raise ValueError(f"unknown kind {kind!r}")
-    return SyntheticProduct(pid, orig.category, _shoot(look, n, pid, seed, kind), 0, seed)
+    return SyntheticProduct(pid, orig.category, _shoot(look, n, pid, seed, kind), 0, seed), look
 
 
 def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3, negative_fraction: float = 0.2, seed: int = 0) -> Planted:
@@ -174,12 +204,14 @@ def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3
     n_dup = round(len(originals) * double_fraction)
     n_neg = round(len(originals) * negative_fraction)
     out = Planted()
+    looks = {p.product_id: _look(p) for p in originals}
     for k, j in enumerate(order[:n_dup]):
         orig = originals[int(j)]
         kinds = [DOUBLE_KINDS[k % 3]] + ([DOUBLE_KINDS[(k + 1) % 3]] if k % 4 == 3 else [])
         family = [orig.product_id]
         for kind in kinds:
-            p = _listing(orig, kind, f"{orig.product_id}-{kind}", rng)
+            pid = f"{orig.product_id}-{kind}"
+            p, looks[pid] = _listing(orig, kind, pid, rng)
             out.products.append(p)
             for other in family:
                 out.positives[frozenset((other, p.product_id))] = kind
@@ -187,9 +219,25 @@ def plant(originals: Sequence[SyntheticProduct], *, double_fraction: float = 0.3
     for k, j in enumerate(order[n_dup : n_dup + n_neg]):
         orig = originals[int(j)]
         kind = NEGATIVE_KINDS[k % 2]
-        p = _listing(orig, kind, f"{orig.product_id}-{kind}", rng)
+        pid = f"{orig.product_id}-{kind}"
+        p, looks[pid] = _listing(orig, kind, pid, rng)
         out.products.append(p)
         out.negatives[frozenset((orig.product_id, p.product_id))] = kind
+    out.drawn_alike = _drawn_alike(looks, set(out.positives) | set(out.negatives))
+    return out
+
+
+def _drawn_alike(looks: dict[str, _Look], planted: set[frozenset[str]]) -> set[frozenset[str]]:
+    """Pairs of listings, not planted as a double or a hard negative, whose looks are the same."""
+    by_cut: dict[tuple[str, str], list[str]] = {}
+    for pid, look in looks.items():
+        by_cut.setdefault((look.category, look.pattern), []).append(pid)
+    out = set()
+    for ids in by_cut.values():
+        for i, a in enumerate(ids):
+            for b in ids[i + 1 :]:
+                if (pair := frozenset((a, b))) not in planted and same_look(looks[a], looks[b]):
+                    out.add(pair)
     return out
 
 
@@ -286,6 +334,8 @@ class Point:
     fp: int
     fp_hard: int  # false positives that are planted hard negatives
     fn: int
+    fp_alike: int = 0  # false positives that are pairs the catalog drew alike (Planted.drawn_alike)
+    precision_distinct: float = 1.0  # precision with those pairs left out of the count
 
 
 def curve(scores: dict[frozenset[str], float], planted: Planted, thresholds: Sequence[float]) -> list[Point]:
@@ -296,6 +346,7 @@ def curve(scores: dict[frozenset[str], float], planted: Planted, thresholds: Seq
         flagged = {p for p, s in scores.items() if s > t}
         tp = len(flagged & pos)
         fp = len(flagged - pos)
+        alike = len(flagged & planted.drawn_alike)
         out.append(
             Point(
                 round(t, 4),
@@ -305,6 +356,8 @@ def curve(scores: dict[frozenset[str], float], planted: Planted, thresholds: Seq
                 fp,
                 len(flagged & set(planted.negatives)),
                 len(pos) - tp,
+                alike,
+                tp / (len(flagged) - alike) if len(flagged) > alike else 1.0,
             )
         )
     return out
@@ -405,6 +458,50 @@ class _TorchvisionTrunk:
             return torch.nn.functional.normalize(self.trunk(batch), dim=1).numpy()
 
 
+def draw_false_pairs(
+    scores: dict[frozenset[str], float], planted: Planted, products: Sequence[SyntheticProduct], t: float, path: Path, most: int = 16
+) -> Path:
+    """The pairs flagged at ``t`` that are not planted doubles, best score first: each product's
+    first photo side by side, so a reader sees what the detector confused (Pillow only)."""
+    photos = {p.product_id: p.images[0].data for p in products if p.images}
+    false = sorted(((s, sorted(pair)) for pair, s in scores.items() if s > t and pair not in planted.positives), reverse=True)
+    cell, cols = 150, 2
+    rows = max(1, (min(len(false), most) + cols - 1) // cols)
+    sheet = Image.new("RGB", (cols * (2 * cell + 20), rows * (cell + 24) + 28), "white")
+    d = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default(size=12)
+    d.text(
+        (6, 6),
+        f"{len(false)} false pairs above {t:.4f} (first photo of each listing)" + ("" if false else ": none"),
+        fill="black",
+        font=font,
+    )
+    for n, (score, (a, b)) in enumerate(false[:most]):
+        x, y = (n % cols) * (2 * cell + 20), 28 + (n // cols) * (cell + 24)
+        for i, pid in enumerate((a, b)):
+            img = Image.open(io.BytesIO(photos[pid])).convert("RGB")
+            img.thumbnail((cell - 4, cell - 4))
+            sheet.paste(img, (x + i * cell + 2, y))
+        why = "drawn alike" if frozenset((a, b)) in planted.drawn_alike else planted.negatives.get(frozenset((a, b)), "catalog")
+        d.text((x + 2, y + cell - 2), f"{score:.3f} {a} / {b} ({why})", fill="black", font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def _cache_key(model_version: str) -> str:
+    """The model (its version names the backbone, the weights' content and the size) and the code
+    that makes crops, signatures and descriptors: a cache made before a change to either is not read.
+    (Before 2026-12-01 the key held the weights as given, so a checkpoint's path made subfolders.)"""
+    import hashlib
+
+    from cardigan.duplicates import signature, structure
+    from cardigan.imaging import crop
+
+    code = hashlib.sha1(b"".join(Path(m.__file__ or "").read_bytes() for m in (crop, signature, structure))).hexdigest()[:8]
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in model_version) + f"-code{code}"
+
+
 def measure(
     n_products: int,
     *,
@@ -420,10 +517,12 @@ def measure(
     hits_per_image: int | None = None,
     structure_slack: float | None = None,
     structure_floor: float | None = None,
+    pairs_png: Path | None = None,
 ) -> dict[str, Any]:
     """The whole measurement for one encoder: catalog, planted listings, scores, curve.
     ``colour_weight``, ``hits_per_image`` and the structure settings default to the detector's
-    (``structure_slack=0``: the colour signature alone, as before the structure descriptor)."""
+    (``structure_slack=0``: the colour signature alone, as before the structure descriptor);
+    ``pairs_png``: draw the false pairs at the default there."""
     from cardigan.duplicates.score import Scoring
     from cardigan.duplicates.structure import GRID
     from config.settings import DuplicateSettings, EncoderSettings
@@ -446,7 +545,7 @@ def measure(
         enc: Any = _TorchvisionTrunk(backbone[3:], weights)
     else:
         enc = build_encoder(EncoderSettings(backbone=backbone, weights=weights, image_size=image_size)).load()
-    cache = Path(cache_dir) / f"vectors-{n_products}-{seed}-{backbone.replace(':', '_')}-{weights}-{image_size}.npz" if cache_dir else None
+    cache = Path(cache_dir) / f"vectors-{n_products}-{seed}-{_cache_key(enc.model_version)}.npz" if cache_dir else None
     with np.load(cache) if cache is not None and cache.is_file() else _nothing() as z:
         vecs = {f: z[f] for f in z.files if ":" not in f}
         sigs = {f[4:]: z[f] for f in z.files if f.startswith("sig:")}
@@ -463,6 +562,8 @@ def measure(
     best = choose(points)
     default = min(points, key=lambda p: abs(p.threshold - d.threshold))
     default = default if abs(default.threshold - d.threshold) < 1e-6 else None
+    if pairs_png is not None:
+        draw_false_pairs(scores, planted, catalog + planted.products, (default or best).threshold, pairs_png)
     return {
         "encoder": f"{backbone} weights={weights} size={image_size}",
         "scoring": f"colour_weight={weight} structure_slack={scoring.structure_slack} "
@@ -472,6 +573,7 @@ def measure(
         "images": sum(len(v) for v in vecs.values()),
         "planted_pairs": len(planted.positives),
         "hard_negative_pairs": len(planted.negatives),
+        "drawn_alike_pairs": len(planted.drawn_alike),
         "points": points,
         "chosen": best,
         "recall_by_kind": recall_by_kind(scores, planted, best.threshold),
@@ -492,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lo", type=float, default=0.80)
     ap.add_argument("--png", type=Path, default=None, help="draw the curve here")
     ap.add_argument("--json", type=Path, default=None, help="write the points here")
+    ap.add_argument("--pairs-png", type=Path, default=None, help="draw the false pairs at the default here")
     ap.add_argument("--cache", default=None, help="keep the embeddings in this folder (re-scoring is then instant)")
     ap.add_argument("--colour-weight", type=float, default=None, help="default: duplicates.colour_weight (0: cosine alone)")
     ap.add_argument("--hits-per-image", type=int, default=None, help="default: duplicates.hits_per_image")
@@ -501,16 +604,19 @@ def main(argv: list[str] | None = None) -> int:
     res = measure(
         a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache,
         colour_weight=a.colour_weight, hits_per_image=a.hits_per_image, structure_slack=a.structure_slack,
-        structure_floor=a.structure_floor,
+        structure_floor=a.structure_floor, pairs_png=a.pairs_png,
     )  # fmt: skip
     c, dflt = res["chosen"], res["default"]
     print(f"{res['encoder']} ({res['model_version']}), {res['scoring']}: {res['products']} products, {res['images']} images, "
-          f"{res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives, {res['seconds']} s")  # fmt: skip
-    print("| threshold | precision | recall | TP | FP (hard neg.) | FN |\n|---|---|---|---|---|---|")
+          f"{res['planted_pairs']} planted pairs, {res['hard_negative_pairs']} hard negatives, "
+          f"{res['drawn_alike_pairs']} pairs the catalog drew alike, {res['seconds']} s")  # fmt: skip
+    print("| threshold | precision | recall | TP | FP (hard neg., drawn alike) | FN | precision without the drawn-alike |")
+    print("|---|---|---|---|---|---|---|")
     for p in res["points"]:
         if abs(p.threshold * 100 - round(p.threshold * 100)) < 1e-6 or p is c or p is dflt:
             mark = (" **default**" if p is dflt else "") + (" *best here*" if p is c else "")
-            print(f"| {p.threshold:.4f}{mark} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}) | {p.fn} |")
+            print(f"| {p.threshold:.4f}{mark} | {p.precision:.3f} | {p.recall:.3f} | {p.tp} | {p.fp} ({p.fp_hard}, {p.fp_alike}) | {p.fn} "
+                  f"| {p.precision_distinct:.3f} |")  # fmt: skip
     print(f"best here {c.threshold:.4f}: precision {c.precision:.3f}, recall {c.recall:.3f}; by kind {res['recall_by_kind']}")
     if dflt is not None:
         print(
