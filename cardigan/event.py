@@ -25,6 +25,7 @@ def is_product_id(value: object, max_len: int = 128) -> bool:
     Milvus filter value or a Redis key."""
     return isinstance(value, str) and 0 < len(value) <= max_len and PRODUCT_ID_RE.match(value) is not None
 
+
 MAX_VERSION = 2**62  # fits Milvus INT64 with room; absurd beyond this
 
 # Limits of a Milvus JSON field, enforced here so the publisher and the worker refuse the same
@@ -150,10 +151,7 @@ class Event(BaseModel):
     @classmethod
     def _product_id(cls, v: str) -> str:
         if not PRODUCT_ID_RE.match(v):
-            raise ValueError(
-                "must start with a letter or digit and contain only letters, digits and . _ : - "
-                f"(got {v!r})"
-            )
+            raise ValueError(f"must start with a letter or digit and contain only letters, digits and . _ : - (got {v!r})")
         return v
 
     @field_validator("attributes")

@@ -119,9 +119,6 @@ def ceiling(forward: float, decode: float, device_type: str) -> float:
     return 1 / (1 / forward + 1 / decode)
 
 
-
-
-
 _settings = settings_from_env
 
 
@@ -303,9 +300,7 @@ class Ceiling:
     decode_cpu_ms: float
 
     @classmethod
-    def measure(
-        cls, enc: Encoder, jpegs: Sequence[tuple[bytes, list[int] | None]], max_pixels: int, localiser: Any = None
-    ) -> Ceiling:
+    def measure(cls, enc: Encoder, jpegs: Sequence[tuple[bytes, list[int] | None]], max_pixels: int, localiser: Any = None) -> Ceiling:
         fwd, fwd_cpu, threads = forward_only(enc)
         dec, dec_cpu = decode_only(jpegs, size=enc.image_size, max_pixels=max_pixels, localiser=localiser)
         return cls(fwd, fwd_cpu, threads, dec, dec_cpu)
@@ -686,7 +681,10 @@ def detection_lag(phase: Phase, *, samples: int, timeout: float) -> dict[str, An
     store = PairStore(phase.state, phase.settings.collection)
     _wait(lambda: store.pending() == 0, timeout, "duplicate detection to catch up", interval=0.05)
     lags = [float(v) for v in store.lags(samples)] if samples else []
-    return {"duplicates_lag_p50_ms": round(percentile(lags, 50), 1) if lags else None, "duplicates_lag_p99_ms": round(percentile(lags, 99), 1) if lags else None}
+    return {
+        "duplicates_lag_p50_ms": round(percentile(lags, 50), 1) if lags else None,
+        "duplicates_lag_p99_ms": round(percentile(lags, 99), 1) if lags else None,
+    }
 
 
 def detection_cost(
@@ -707,7 +705,9 @@ def detection_cost(
         who = {"worker": [p.pid for p in ph.procs], **{k: [v] for k, v in servers.items()}}
         cpu0 = {k: sum(cpu_s(p) for p in pids) for k, pids in who.items()}
         counts0 = store.counts()
-        run_through(ph, events, images, expect_rows=expect_rows, progress=progress, label=name, timeout=opts.drain_timeout_s, servers=servers)
+        run_through(
+            ph, events, images, expect_rows=expect_rows, progress=progress, label=name, timeout=opts.drain_timeout_s, servers=servers
+        )
         _wait(lambda: store.pending() == 0, opts.drain_timeout_s, "duplicate detection to catch up", interval=0.05)  # noqa: B023
         cpu = {k: 1000 * (sum(cpu_s(p) for p in pids) - cpu0[k]) / images for k, pids in who.items()}
         out[f"cpu_ms_per_image_{name}"] = round(sum(cpu.values()), 2)
@@ -881,7 +881,13 @@ class Rig:
         ph.start_workers(opts.workers, self.concurrency, opts.ready_timeout_s, profile=opts.profile)
         if self.warm:
             run_through(
-                ph, self.warm, self.warm_rows, expect_rows=self.warm_rows, progress=None, label=f"{ph.name} warm-up", timeout=opts.drain_timeout_s
+                ph,
+                self.warm,
+                self.warm_rows,
+                expect_rows=self.warm_rows,
+                progress=None,
+                label=f"{ph.name} warm-up",
+                timeout=opts.drain_timeout_s,
             )
 
     def timed(self, ph: Phase, label: str, progress: Progress | None) -> RunResult:

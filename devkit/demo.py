@@ -715,7 +715,9 @@ def _result(
     )
 
 
-def _duplicates_report(settings: Settings, products: list[Any], scenario: Any, s3: Any, console: Console, *, timeout: float) -> dict[str, Any]:
+def _duplicates_report(
+    settings: Settings, products: list[Any], scenario: Any, s3: Any, console: Console, *, timeout: float
+) -> dict[str, Any]:
     """Plant double listings (and look-alikes that are not) of unchanged products, publish
     them, let the workers' detector find them, and print found against planted."""
     from cardigan.duplicates.pairs import PairStore
@@ -729,7 +731,10 @@ def _duplicates_report(settings: Settings, products: list[Any], scenario: Any, s
     upload(planted.products, s3, settings.bucket, prefix=KEY_PREFIX)
     pub = Publisher(settings)
     for p in planted.products:
-        imgs = [{"uri": image_uri(settings.bucket, object_key(KEY_PREFIX, i.key)), **({"bbox": list(i.bbox)} if i.bbox else {})} for i in p.images]
+        imgs = [
+            {"uri": image_uri(settings.bucket, object_key(KEY_PREFIX, i.key)), **({"bbox": list(i.bbox)} if i.bbox else {})}
+            for i in p.images
+        ]
         pub.publish({"type": "add", "product_id": p.product_id, "version": 1, "images": imgs, "attributes": {"category": p.category}})
     r = make_redis(settings.effective_state_url)
     store = PairStore(r, settings.collection)
@@ -745,7 +750,13 @@ def _duplicates_report(settings: Settings, products: list[Any], scenario: Any, s
     found = {frozenset((p.a, p.b)) for p in store.all_pairs()}
     r.close()
     tp, pos = len(found & set(planted.positives)), len(planted.positives)
-    res = {"planted": pos, "found": len(found), "true": tp, "hard_negatives_flagged": len(found & set(planted.negatives)), "threshold": settings.duplicates.threshold}
+    res = {
+        "planted": pos,
+        "found": len(found),
+        "true": tp,
+        "hard_negatives_flagged": len(found & set(planted.negatives)),
+        "threshold": settings.duplicates.threshold,
+    }
     res["precision"] = round(tp / len(found), 3) if found else None
     res["recall"] = round(tp / pos, 3) if pos else None
     console.print(
@@ -1050,6 +1061,8 @@ def print_result(res: DemoResult, console: Console) -> None:
             "cardigan search <photo.jpg>; stop with: cardigan demo --stop"
             + (f" --out {res.out}" if res.out != Path("demo-out").absolute() else "")
         )
-        console.print(f"search page and API: source {res.out / 'demo.env'} && cardigan serve, then open http://127.0.0.1:8080/ (API docs: /docs)")
+        console.print(
+            f"search page and API: source {res.out / 'demo.env'} && cardigan serve, then open http://127.0.0.1:8080/ (API docs: /docs)"
+        )
     elif res.stopped_services:
         console.print(f"stopped: {len(res.worker_pids)} worker(s), {', '.join(res.stopped_services)}")

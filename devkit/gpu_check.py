@@ -67,7 +67,13 @@ def micro(args: argparse.Namespace, jpegs: list[tuple[bytes, list[int] | None]])
             torch.cuda.synchronize(dev)
 
     s = EncoderSettings(
-        backbone=args.model, weights="random", image_size=args.image_size, device=args.device, dtype=args.dtype, batch_size=args.batch_size, runtime="torch"
+        backbone=args.model,
+        weights="random",
+        image_size=args.image_size,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        runtime="torch",
     )
     enc = build_encoder(s).load()
     rng = np.random.default_rng(0)

@@ -626,7 +626,15 @@ def _prepare_data(usable: Sequence[Product], prepare: Prepare, tsize: int, max_p
 
 
 def _calibrate_and_cache(
-    net: EmbeddingNet, data: _Data, rng: random.Random, augment: v2.Transform, *, recalibrate: bool, freeze: int, views: int, device: torch.device
+    net: EmbeddingNet,
+    data: _Data,
+    rng: random.Random,
+    augment: v2.Transform,
+    *,
+    recalibrate: bool,
+    freeze: int,
+    views: int,
+    device: torch.device,
 ) -> torch.Tensor | None:
     """BatchNorm statistics of real photos (``recalibrate``); the frozen blocks' output per photo and view."""
     if recalibrate:
@@ -734,7 +742,12 @@ def _train(
             progress.console.log(f"resumed from {state_path} at step {start}/{steps}")
         # the bar follows the steps (or a time budget, when one is given and nearer)
         task = progress.add_task(
-            f"{settings.backbone}@{plan.tsize}px", total=1.0, completed=start / steps if steps else 1.0, step=start, steps=steps, loss=float("nan")
+            f"{settings.backbone}@{plan.tsize}px",
+            total=1.0,
+            completed=start / steps if steps else 1.0,
+            step=start,
+            steps=steps,
+            loss=float("nan"),
         )
         loop = _train_loop(
             plan, data, cache, augment, opt, rng, progress, task, steps=steps, start=start, losses=losses, actives=actives, lr=lr,

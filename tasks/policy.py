@@ -125,8 +125,13 @@ def forget_deliveries(task: Task) -> None:
 
 def dead_letter(task: Task, event: Any, err: PermanentError, attempts: int) -> dict[str, Any]:
     dl = runtime.dead_letters().add(
-        reason=err.reason, kind=err.kind, event=event, field=err.field, attempts=attempts,
-        task_id=task.request.id, queue=(task.request.delivery_info or {}).get("routing_key"),
+        reason=err.reason,
+        kind=err.kind,
+        event=event,
+        field=err.field,
+        attempts=attempts,
+        task_id=task.request.id,
+        queue=(task.request.delivery_info or {}).get("routing_key"),
     )
     log.warning("dead letter %s for %s: %s", dl.id, dl.product_id or "?", dl.reason)
     return {"outcome": "dead", "dead_letter": dl.id, "reason": dl.reason}

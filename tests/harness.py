@@ -45,9 +45,6 @@ TEST_ENV = {
 _db_counter = itertools.count(1)
 
 
-
-
-
 settings_from = settings_from_env
 
 

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.e2e
 
 def cardigan(ns: Namespace, *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **ns.env}
-    return subprocess.run([sys.executable, "-m", "cardigan.cli", *args], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cardigan.cli", *args], cwd=ROOT, env=env, input=stdin, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_e2e_cli_worker_publish_status_search(ns: Namespace, tmp_path: Path) -> None:
@@ -96,7 +98,9 @@ def test_cli_publish_reads_stdin_and_reports_json(ns: Namespace) -> None:
 
 def test_e2e_worker_with_a_config_error_stops_instead_of_looping(ns: Namespace) -> None:
     env = {**os.environ, **ns.env, "CARDIGAN_ENCODER__BACKBONE": "no_such_net"}
-    res = subprocess.run([sys.executable, "-m", "cardigan.cli", "worker", "-c", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "cardigan.cli", "worker", "-c", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 2
     assert "Unknown backbone 'no_such_net'" in res.stdout + res.stderr
     assert "configuration error" in res.stderr

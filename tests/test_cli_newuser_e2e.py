@@ -171,7 +171,9 @@ def test_publish_wait_ignores_an_outcome_recorded_before_the_publish(ns: Namespa
         "line 1: add sku-1 v1: no outcome within 0 s (is a worker running? `cardigan status`)"
     ]
     ns.state().set(key, json.dumps({"version": 3, "type": "add", "outcome": "applied", "vectors": 1, "time": now + 1}))
-    assert wait_for_outcomes(ns.state(), ns.settings.collection, late, 0.3, 0.1) == ["line 1: add sku-1 v1: superseded (v3 of it was processed since)"]
+    assert wait_for_outcomes(ns.state(), ns.settings.collection, late, 0.3, 0.1) == [
+        "line 1: add sku-1 v1: superseded (v3 of it was processed since)"
+    ]
     ns.state().set(key, json.dumps({"version": 1, "type": "add", "outcome": "stale", "vectors": 0, "time": now - 5}))
     assert wait_for_outcomes(ns.state(), ns.settings.collection, late, 0.3, 0.1) == [
         "line 1: add sku-1 v1: stale (an equal or newer version was already recorded: ignored)"

@@ -225,7 +225,9 @@ def test_written_products_are_queued_before_the_ack_and_checked_from_the_writers
         loop = DetectorLoop(Detector(index, store, threshold=0.99, max_images=4), store, DuplicateSettings(linger_ms=0))  # not started
         writer = IndexWriter(index, VersionGuard(store.r), store.r, max_images=4, live=live, handoff=loop)
         vec = [1.0] + [0.0] * 511
-        assert writer.write_batch([_upsert("x", 3, vec), _upsert("y", 5, vec), _upsert("z", 1, [0.0, 1.0] + [0.0] * 510)]) == ["applied"] * 3
+        assert (
+            writer.write_batch([_upsert("x", 3, vec), _upsert("y", 5, vec), _upsert("z", 1, [0.0, 1.0] + [0.0] * 510)]) == ["applied"] * 3
+        )
         assert store.pending() == 3  # in Redis when write_batch returns, i.e. before the events are acked
         claimed, token, _ = store.claim_versions(10, retry_s=0.3)
         assert claimed == {"x": 3, "y": 5, "z": 1}

@@ -91,5 +91,7 @@ def test_localise_finds_the_product_where_the_centre_crop_does_not(monkeypatch: 
         assert data["crop"] == crop
         maps[crop] = data["scores"][0]["mAP"]
     assert maps["localise"] > maps["centre"] + 0.1, maps
-    res = CliRunner().invoke(app, ["eval", "--set", "street2shop", "--products", "4", "--image-size", "64", "--crop", "localise", "-w", "random"])
+    res = CliRunner().invoke(
+        app, ["eval", "--set", "street2shop", "--products", "4", "--image-size", "64", "--crop", "localise", "-w", "random"]
+    )
     assert res.exit_code == 2 and "no localiser" in res.output, res.output

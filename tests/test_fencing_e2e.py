@@ -110,7 +110,11 @@ def test_e2e_slow_milvus_past_the_lock_ttl_leaves_the_index_right(ns: Namespace,
     expected: dict[str, Expected | None] = {f"fz-{i}": None if i % 2 == 0 else Expected(2, 2) for i in range(n)}
 
     # A writes all its products in one batch (the whole batch outlives its locks)
-    slow = {"CARDIGAN_MILVUS_URI": f"http://127.0.0.1:{proxy.port}", "CARDIGAN_WORKER__WRITE_BATCH_SIZE": str(n), "CARDIGAN_WORKER__WRITE_WAIT_MS": "60000"}
+    slow = {
+        "CARDIGAN_MILVUS_URI": f"http://127.0.0.1:{proxy.port}",
+        "CARDIGAN_WORKER__WRITE_BATCH_SIZE": str(n),
+        "CARDIGAN_WORKER__WRITE_WAIT_MS": "60000",
+    }
     a = ns.start_worker(extra_env=slow)
     own_queue = ns.settings.queue
     ns.set_env(CARDIGAN_QUEUE=other_queue)
@@ -120,11 +124,15 @@ def test_e2e_slow_milvus_past_the_lock_ttl_leaves_the_index_right(ns: Namespace,
     try:
         _run(ns, proxy, a, olds, news, expected, other_queue)
     except (TimeoutError, AssertionError) as e:
-        logs = "\n".join(f"--- {w.name}\n" + "\n".join(line for line in w.log_text().splitlines()[-60:] if "received" not in line) for w in ns.workers)
+        logs = "\n".join(
+            f"--- {w.name}\n" + "\n".join(line for line in w.log_text().splitlines()[-60:] if "received" not in line) for w in ns.workers
+        )
         pytest.fail(f"{e}\n{logs}")
 
 
-def _run(ns: Namespace, proxy: DelayProxy, a: Any, olds: list[dict], news: list[dict], expected: dict[str, Expected | None], other_queue: str) -> None:
+def _run(
+    ns: Namespace, proxy: DelayProxy, a: Any, olds: list[dict], news: list[dict], expected: dict[str, Expected | None], other_queue: str
+) -> None:
     n = len(olds)
     r = ns.state()
     live = ns.index().live_collection()
@@ -140,7 +148,14 @@ def _run(ns: Namespace, proxy: DelayProxy, a: Any, olds: list[dict], news: list[
     with b_pub.app.producer_or_acquire() as producer:
         for e in news:  # to B
             b_pub.publish(e, producer=producer)
-    wait_until(lambda: all(v == "2:" + ("delete" if i % 2 == 0 else "upsert") for i, v in enumerate(r.hmget(versions_key, [f"fz-{i}" for i in range(n)]))), 60, "B to record the newer versions", interval=0.1)
+    wait_until(
+        lambda: all(
+            v == "2:" + ("delete" if i % 2 == 0 else "upsert") for i, v in enumerate(r.hmget(versions_key, [f"fz-{i}" for i in range(n)]))
+        ),
+        60,
+        "B to record the newer versions",
+        interval=0.1,
+    )
     b_done_at = time.monotonic()
 
     # A's old write lands after B's, A's record is refused and A repairs
@@ -161,7 +176,9 @@ def _run(ns: Namespace, proxy: DelayProxy, a: Any, olds: list[dict], news: list[
     try:
         wait_until(right, 120, "the index to hold the newest versions", interval=0.5)
     except TimeoutError as e:
-        raise AssertionError("index wrong after the slow write:\n" + "\n".join(last.mismatches if last else ["queues never drained"])) from e
+        raise AssertionError(
+            "index wrong after the slow write:\n" + "\n".join(last.mismatches if last else ["queues never drained"])
+        ) from e
     assert r.hmget(versions_key, [f"fz-{i}" for i in range(n)]) == ["2:" + ("delete" if i % 2 == 0 else "upsert") for i in range(n)]
     assert ns.dead().count() == 0, [(d.product_id, d.reason) for d in ns.dead().list()]
     print(f"B recorded v2 {DELAY_S}s-proxy run; A repaired {time.monotonic() - b_done_at:.1f}s later")

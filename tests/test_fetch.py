@@ -99,7 +99,9 @@ def test_server_errors_are_transient_and_denials_permanent(fake_s3: str) -> None
         f.fetch("s3://404/NoSuchKey/k.jpg")
 
 
-def test_unreachable_endpoint_is_transient_and_the_signed_url_is_not_in_the_error(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_unreachable_endpoint_is_transient_and_the_signed_url_is_not_in_the_error(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")

@@ -61,7 +61,13 @@ def test_a_dead_holders_lock_expires(guard: VersionGuard) -> None:
 
 
 def test_newest_in_a_batch_wins_and_delete_breaks_ties() -> None:
-    ops = [WriteOp("a", 2, "upsert"), WriteOp("a", 5, "upsert"), WriteOp("a", 4, "delete"), WriteOp("b", 7, "upsert"), WriteOp("b", 7, "delete")]
+    ops = [
+        WriteOp("a", 2, "upsert"),
+        WriteOp("a", 5, "upsert"),
+        WriteOp("a", 4, "delete"),
+        WriteOp("b", 7, "upsert"),
+        WriteOp("b", 7, "delete"),
+    ]
     best = _newest(ops)
     assert (best["a"].version, best["a"].kind) == (5, "upsert")
     assert (best["b"].version, best["b"].kind) == (7, "delete")

@@ -103,7 +103,10 @@ def _event(attributes: Any) -> dict[str, Any]:
         ({"\udc00": 1}, "a key contains a lone surrogate"),
         ({"blob": "x" * MAX_ATTRIBUTES_BYTES}, f"over the Milvus JSON field limit of {MAX_ATTRIBUTES_BYTES} bytes"),
         ({"n": 2**64}, "at n: integer outside the 64-bit range"),
-        ({"deep": json.loads("[" * (MAX_ATTRIBUTES_DEPTH + 1) + "]" * (MAX_ATTRIBUTES_DEPTH + 1))}, f"nested deeper than {MAX_ATTRIBUTES_DEPTH}"),
+        (
+            {"deep": json.loads("[" * (MAX_ATTRIBUTES_DEPTH + 1) + "]" * (MAX_ATTRIBUTES_DEPTH + 1))},
+            f"nested deeper than {MAX_ATTRIBUTES_DEPTH}",
+        ),
     ],
 )
 def test_attributes_milvus_cannot_store_are_refused_by_publisher_and_worker(attributes: Any, words: str) -> None:

@@ -93,8 +93,20 @@ def test_e2e_hostile_envelopes_each_end_in_one_outcome(ns: Namespace) -> None:
     send_raw(ns, json.dumps({"task": "cardigan.index_event", "id": p1, "retries": None, "args": [add("h-p1")], "kwargs": {}}), {})
     expected_dead[p1] = ("protocol-1-retries-null", ("bad_envelope", "retries", "must be an integer"))
     p1w = str(uuid.uuid4())  # protocol 1 builds its workflow from the body's own keys
-    send_raw(ns, json.dumps({"task": "cardigan.index_event", "id": p1w, "retries": 0, "args": [add("h-p1w")], "kwargs": {},
-                             "callbacks": [{"task": "celery.accumulate", "args": [], "kwargs": {}}]}), {})
+    send_raw(
+        ns,
+        json.dumps(
+            {
+                "task": "cardigan.index_event",
+                "id": p1w,
+                "retries": 0,
+                "args": [add("h-p1w")],
+                "kwargs": {},
+                "callbacks": [{"task": "celery.accumulate", "args": [], "kwargs": {}}],
+            }
+        ),
+        {},
+    )
     expected_dead[p1w] = ("protocol-1-callbacks", ("bad_envelope", "embed", "workflows are not accepted (callbacks)"))
 
     # one task id reused for five versions of a product, each sent after the last was applied:

@@ -39,7 +39,13 @@ def photos(n: int, seed: int = 0) -> list[tuple[bytes, list[int] | None]]:
 
 
 def make(cache: Path, **kw: Any) -> Encoder:
-    base: dict[str, Any] = {"backbone": "mobilenet_v3_small", "weights": "random", "image_size": SIZE, "device": "cpu", "onnx_cache_dir": str(cache)}
+    base: dict[str, Any] = {
+        "backbone": "mobilenet_v3_small",
+        "weights": "random",
+        "image_size": SIZE,
+        "device": "cpu",
+        "onnx_cache_dir": str(cache),
+    }
     return build_encoder(EncoderSettings(**(base | kw)))
 
 

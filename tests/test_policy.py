@@ -76,7 +76,9 @@ def test_one_worker_launcher() -> None:
 
     s = Settings()
     cli = worker_argv(s, 1, queues=["a", "b"], concurrency=4, loglevel="INFO")
-    assert cli == celery_worker_argv(queues=["a", "b"], concurrency=4, prefetch=s.worker.prefetch_multiplier, node="cardigan1@%h", task_events=True)
+    assert cli == celery_worker_argv(
+        queues=["a", "b"], concurrency=4, prefetch=s.worker.prefetch_multiplier, node="cardigan1@%h", task_events=True
+    )
     assert cli[:3] == [sys.executable, "-m", "celery"] and "-E" in cli and cli[cli.index("-Q") + 1] == "a,b"
     profiled = celery_worker_argv(queues=["a"], concurrency=1, prefetch=1, node="x@h", launcher=("py", "-c", "code"))
     assert profiled[:3] == ["py", "-c", "code"] and "-E" not in profiled

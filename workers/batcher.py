@@ -39,7 +39,9 @@ class MicroBatcher(Generic[T, R]):
     calls where a failure is about the dependency (Milvus down), not the item.
     """
 
-    def __init__(self, fn: Callable[[list[T]], list[R]], *, max_items: int, max_wait_s: float, name: str, isolate_failures: bool = True) -> None:
+    def __init__(
+        self, fn: Callable[[list[T]], list[R]], *, max_items: int, max_wait_s: float, name: str, isolate_failures: bool = True
+    ) -> None:
         self._fn = fn
         self._max_items = max_items
         self._max_wait = max_wait_s

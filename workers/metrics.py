@@ -142,7 +142,10 @@ def _detector_metrics(p: Any) -> Iterator[Metric]:
     ):
         yield CounterMetricFamily(f"cardigan_duplicates_{name}", help_, value=value)
     yield SummaryMetricFamily(
-        "cardigan_duplicates_lag_seconds", "From publish to the product checked for double listings", count_value=st.lag_count, sum_value=st.lag_sum_s
+        "cardigan_duplicates_lag_seconds",
+        "From publish to the product checked for double listings",
+        count_value=st.lag_count,
+        sum_value=st.lag_sum_s,
     )
     yield SummaryMetricFamily("cardigan_duplicates_batch_seconds", "Time per detection batch", count_value=st.batches, sum_value=st.busy_s)
     try:

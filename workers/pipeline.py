@@ -94,13 +94,19 @@ class Pipeline:
             self._embed, max_items=s.encoder.batch_size, max_wait_s=s.encoder.batch_wait_ms / 1000, name="embed"
         ).start()
         self.write_batcher: MicroBatcher[WriteOp, Outcome | IndexRejected] = MicroBatcher(
-            self.writer.write_batch, max_items=s.worker.write_batch_size, max_wait_s=s.worker.write_wait_ms / 1000, name="write", isolate_failures=False
+            self.writer.write_batch,
+            max_items=s.worker.write_batch_size,
+            max_wait_s=s.worker.write_wait_ms / 1000,
+            name="write",
+            isolate_failures=False,
         ).start()
         self._stats_key = STATS_KEY.format(alias=s.collection)
         self._stats_field = f"{socket.gethostname()}:{os.getpid()}"
         self._stats_stop = threading.Event()
         threading.Thread(target=self._report_stats, name="stats", daemon=True).start()
-        log.info("pipeline ready: model %s on %s, index %s (live %s)", self.encoder.model_version, self.encoder.device, s.collection, self.live)
+        log.info(
+            "pipeline ready: model %s on %s, index %s (live %s)", self.encoder.model_version, self.encoder.device, s.collection, self.live
+        )
 
     def _start_detector(self) -> DetectorLoop | None:
         """Double-listing detection runs beside indexing (workers/detector.py); None when off."""

@@ -130,7 +130,9 @@ def alive_key(owner: str) -> str:
     return f"{PREFIX}:alive:{owner}"
 
 
-def restore_tag(channel: Channel, client: redis.Redis, tag: str, *, owner: str | None, leftmost: bool = False, require_dead: bool = False) -> bool:
+def restore_tag(
+    channel: Channel, client: redis.Redis, tag: str, *, owner: str | None, leftmost: bool = False, require_dead: bool = False
+) -> bool:
     """Put one unacked message back on its queue; True when this call moved it.
 
     ``owner``: only if this owner holds it (None: whoever does, kombu's visibility restore).
@@ -254,7 +256,11 @@ class Supervisor(threading.Thread):
             # peers: every heartbeat has lapsed, live or not. Give them one TTL to beat again before
             # anything is restored, or a short broker outage would rerun the whole fleet's work.
             self._reap_from = now + self.ttl_s
-            log.warning("broker reachable again after %.0f s; restores of others' messages wait %.0f s for their heartbeats", now - self._last_beat, self.ttl_s)
+            log.warning(
+                "broker reachable again after %.0f s; restores of others' messages wait %.0f s for their heartbeats",
+                now - self._last_beat,
+                self.ttl_s,
+            )
         self._last_beat = now
         if now < self._reap_from:
             return 0

@@ -49,7 +49,9 @@ def state() -> redis.Redis:
 def dead_letters() -> DeadLetters:
     """The dead-letter store, capped and with retention; drops show in the worker's metrics."""
     w = settings().worker
-    return DeadLetters(state(), max_letters=w.dead_letter_max, retention_s=w.dead_letter_retention_s, on_drop=metrics.DEAD_LETTERS_DROPPED.inc)
+    return DeadLetters(
+        state(), max_letters=w.dead_letter_max, retention_s=w.dead_letter_retention_s, on_drop=metrics.DEAD_LETTERS_DROPPED.inc
+    )
 
 
 def current_pipeline() -> Pipeline | None:
@@ -70,8 +72,6 @@ def pipeline() -> Pipeline:
                 except redis.RedisError as e:
                     raise StateUnavailable(f"state store unreachable at worker start: {e}") from e
     return _pipeline
-
-
 
 
 def _start(**_: Any) -> None:

@@ -42,7 +42,9 @@ class Handoff(Protocol):
     def queue_into(self, pipe: redis.client.Pipeline, since_ms: dict[str, int], versions: dict[str, int]) -> None:
         """Queue them in the shared pending set, as part of the writer's pipeline."""
 
-    def note(self, since_ms: dict[str, int], rows: dict[str, tuple[int, list[dict[str, Any]]]] | None = None, *, queued: bool = False) -> None:
+    def note(
+        self, since_ms: dict[str, int], rows: dict[str, tuple[int, list[dict[str, Any]]]] | None = None, *, queued: bool = False
+    ) -> None:
         """The rows just written (``queued``: the pipeline ran; otherwise the detector queues them)."""
 
 
@@ -250,7 +252,12 @@ class IndexWriter:
                     continue
                 kept = self._guard.journaled(collection, pid)
                 if kept is None or kept[0] != version:
-                    log.error("cannot repair %r in %s: the rows of v%d were not journaled; the next event for it fixes it", pid, collection, version)
+                    log.error(
+                        "cannot repair %r in %s: the rows of v%d were not journaled; the next event for it fixes it",
+                        pid,
+                        collection,
+                        version,
+                    )
                     continue
                 redo.append(WriteOp(pid, version, "upsert", rows=kept[1]))
             rows = [r for op in redo if op.kind == "upsert" for r in op.rows]
@@ -261,7 +268,11 @@ class IndexWriter:
                     if self._guard.renew(collection, held):
                         raise LockLost()
                     call(collection, arg)
-            ours = {op.product_id: (op.version, op.kind) for op in mine if current[op.product_id] is None or op.version > current[op.product_id][0]}  # type: ignore[index]
+            ours = {
+                op.product_id: (op.version, op.kind)
+                for op in mine
+                if current[op.product_id] is None or op.version > current[op.product_id][0]
+            }  # type: ignore[index]
             if self._guard.renew(collection, held) or self._guard.record(collection, ours, token=held.token):
                 raise LockLost()
             held.unsettled = False

@@ -44,7 +44,9 @@ def _fail(msg: str, code: int = 1) -> None:
 
 
 def _progress() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console, transient=False)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console, transient=False
+    )
 
 
 # -- publish ----------------------------------------------------------------------------
@@ -54,7 +56,9 @@ def _progress() -> Progress:
 def publish(
     file: str = typer.Argument(..., help="JSON lines file of events, or - for standard input"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    wait: float = typer.Option(0, "--wait", min=0, help="then wait up to this many seconds for each event's outcome (applied, stale, dead) and print it"),
+    wait: float = typer.Option(
+        0, "--wait", min=0, help="then wait up to this many seconds for each event's outcome (applied, stale, dead) and print it"
+    ),
 ) -> None:
     """Validate and publish events; report rejected lines; exit 1 if any was rejected (or, with --wait, not applied)."""
     from cardigan.ops.publish import Publisher, read_json_lines
@@ -132,10 +136,14 @@ def worker_env(processes: int, environ: Mapping[str, str], cores: int | None = N
 @app.command()
 def worker(
     processes: int = typer.Option(1, "--processes", "-p", min=1, help="worker processes (one model each; one per GPU or ~2 cores)"),
-    concurrency: int | None = typer.Option(None, "--concurrency", "-c", help="events in flight per process (default CARDIGAN_WORKER__CONCURRENCY)"),
+    concurrency: int | None = typer.Option(
+        None, "--concurrency", "-c", help="events in flight per process (default CARDIGAN_WORKER__CONCURRENCY)"
+    ),
     queues: str | None = typer.Option(None, "--queues", "-Q", help="comma-separated queues (default: live and bulk)"),
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
-    connect_timeout: float = typer.Option(10, "--connect-timeout", min=0, help="seconds to wait for the broker and state Redis at start, then exit 2"),
+    connect_timeout: float = typer.Option(
+        10, "--connect-timeout", min=0, help="seconds to wait for the broker and state Redis at start, then exit 2"
+    ),
 ) -> None:
     """Run worker processes and restart any that die (a poison message, a crash)."""
     s = _settings()
@@ -242,7 +250,10 @@ def similar(
 
 
 @app.command()
-def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typer.Option(False, "--no-inspect", help="skip asking workers (faster)")) -> None:
+def status(
+    as_json: bool = typer.Option(False, "--json"),
+    no_inspect: bool = typer.Option(False, "--no-inspect", help="skip asking workers (faster)"),
+) -> None:
     """Queues, work in flight, dead letters and collections."""
     from cardigan.ops.status import collect_status
     from config.celery_app import create_app
@@ -262,7 +273,10 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
         f = st["in_flight"]
         t.add_row("workers online", ", ".join(f["workers"]) or "none")
         t.add_row("in flight", f"{f['active']} active, {f['reserved']} prefetched, {f['scheduled']} waiting to retry")
-    t.add_row("dead letters", str(st["dead_letters"]) + (f" ({st['dead_letters_dropped']} dropped by cap/retention)" if st.get("dead_letters_dropped") else ""))
+    t.add_row(
+        "dead letters",
+        str(st["dead_letters"]) + (f" ({st['dead_letters_dropped']} dropped by cap/retention)" if st.get("dead_letters_dropped") else ""),
+    )
     if mem := st.get("redis_memory"):
         from cardigan.ops.status import format_memory
 
@@ -273,9 +287,12 @@ def status(as_json: bool = typer.Option(False, "--json"), no_inspect: bool = typ
         t.add_row("reindex", f"{rx.get('phase')}: {rx.get('old')} -> {rx.get('new')}, {rx.get('done')}/{rx.get('total')} products")
     if dp := st.get("duplicates"):
         lag = f"lag p50 {dp['lag_p50_ms']} ms, p99 {dp['lag_p99_ms']} ms" if dp["lag_p99_ms"] is not None else "no lag sample yet"
-        t.add_row("double listings", f"{dp['groups_open']} group(s) open, {dp['pairs_open']} pair(s); {dp['pending']} product(s) waiting; {lag}; {dp['failures']} failed batch(es)")
+        t.add_row(
+            "double listings",
+            f"{dp['groups_open']} group(s) open, {dp['pairs_open']} pair(s); {dp['pending']} product(s) waiting; {lag}; {dp['failures']} failed batch(es)",
+        )
     for name, c in st["collections"].items():
-        t.add_row(f"collection {name}", _n(c['rows'], 'vector') + (" (live)" if c["live"] else ""))
+        t.add_row(f"collection {name}", _n(c["rows"], "vector") + (" (live)" if c["live"] else ""))
     t.add_row("drained", "yes" if st["drained"] else "no")
     console.print(t)
 
@@ -314,7 +331,9 @@ def dead_list(as_json: bool = typer.Option(False, "--json"), limit: int = typer.
         t.add_column(col)
     t.add_column("reason", overflow="fold")
     for d in items:
-        t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time)), _event_label(d.event), d.kind, str(d.attempts), d.reason)
+        t.add_row(
+            d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time)), _event_label(d.event), d.kind, str(d.attempts), d.reason
+        )
     console.print(t)
 
 

@@ -40,7 +40,9 @@ def bench(
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),
     profile: bool = typer.Option(False, "--profile", help="also report the workers' CPU time per stage"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object as the last line"),
-    duplicates: bool = typer.Option(True, "--duplicates/--no-duplicates", help="also run the events with double-listing detection off and on (its CPU cost)"),
+    duplicates: bool = typer.Option(
+        True, "--duplicates/--no-duplicates", help="also run the events with double-listing detection off and on (its CPU cost)"
+    ),
     runtime: str | None = typer.Option(None, "--runtime", help="torch | onnxruntime (default: settings, CARDIGAN_ENCODER__RUNTIME)"),
     compare_torch: bool = typer.Option(
         True, "--compare-torch/--no-compare-torch", help="on onnxruntime, also run the batched pipeline on torch (images_per_s_torch)"

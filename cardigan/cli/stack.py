@@ -29,7 +29,9 @@ _CHOICES_FILE = "cardigan-stack.json"  # the flags of the last `up`, for later c
 console = Console()
 err_console = Console(stderr=True)
 
-stack_app = typer.Typer(help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto or rclone), Flower.", no_args_is_help=True)
+stack_app = typer.Typer(
+    help="The embedded stack for one machine: Valkey, Milvus Lite server, S3 (moto or rclone), Flower.", no_args_is_help=True
+)
 
 _DATA_DIR_HELP = "where the servers keep their data, pids and logs (default: $CARDIGAN_STACK_DIR or ./.cardigan/stack)"
 
@@ -70,12 +72,15 @@ def up(
     data_dir: Path | None = typer.Option(None, "--data-dir", "-d", help=_DATA_DIR_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of export lines"),
     flower: bool | None = typer.Option(None, "--flower/--no-flower", help="also run Flower (loopback, basic auth)"),
-    s3: str | None = typer.Option(None, "--s3", help="moto (S3 server, Python), rclone (S3 server, Go: faster, objects kept as files) or folder (file:// images)"),
+    s3: str | None = typer.Option(
+        None, "--s3", help="moto (S3 server, Python), rclone (S3 server, Go: faster, objects kept as files) or folder (file:// images)"
+    ),
     timeout: float = typer.Option(90, "--timeout", min=1, help="seconds to wait for every server to answer"),
 ) -> None:
     """Start (or reuse) the servers and print how to reach them."""
     st = make_stack(data_dir, s3=s3, flower=flower)
     from devkit.stack import StackError
+
     before = {name for name, s in st.status().items() if s["running"]}
     try:
         info = st.up(timeout)

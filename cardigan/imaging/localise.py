@@ -56,7 +56,6 @@ MIN_SHARE = 0.01  # a smaller box is a speck: the centre crop is safer
 MAX_SHARE = 0.9  # a box this close to the whole photo gains nothing over the centre crop
 
 
-
 def trunk_fingerprint(trunk: nn.Module) -> str:
     """sha256 (16 hex) of the trunk's tensors: a box head fits the trunk it was trained on only."""
     return state_fingerprint(trunk)

@@ -25,7 +25,15 @@ class Hit:
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Hit:
-        return cls(row["product_id"], int(row["image_index"]), row["image_uri"], float(row["score"]), int(row["version"]), row["model_version"], row.get("attributes") or {})
+        return cls(
+            row["product_id"],
+            int(row["image_index"]),
+            row["image_uri"],
+            float(row["score"]),
+            int(row["version"]),
+            row["model_version"],
+            row.get("attributes") or {},
+        )
 
 
 def best_per_product(rows: list[dict[str, Any]], k: int, exclude: str | None = None) -> list[Hit]:

@@ -58,7 +58,9 @@ def collect_status(settings: Settings, app: Celery, *, inspect: bool = True) -> 
         live = index.live_collection()
         collections = {}
         for name in index.collections():
-            rows = index.client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong") if _loaded(index, name) else []
+            rows = (
+                index.client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong") if _loaded(index, name) else []
+            )
             collections[name] = {"rows": int(rows[0]["count(*)"]) if rows else 0, "live": name == live}
         index.close()
         depths = queue_depths(app, [s.queue, s.bulk_queue])

@@ -35,7 +35,9 @@ class VerifyReport:
         return f"{head}: {self.products_live} live products, {self.vectors_found}/{self.vectors_expected} vectors, {self.products_deleted} deleted products absent"
 
 
-def verify_index(index: Index, expected: Mapping[str, Expected | None], *, max_images: int, collection: str | None = None, chunk: int = 100) -> VerifyReport:
+def verify_index(
+    index: Index, expected: Mapping[str, Expected | None], *, max_images: int, collection: str | None = None, chunk: int = 100
+) -> VerifyReport:
     """Compare every product's rows (fetched by primary key) with what it should be."""
     rep = VerifyReport()
     pids = sorted(expected)
@@ -52,14 +54,18 @@ def verify_index(index: Index, expected: Mapping[str, Expected | None], *, max_i
             if want is None:
                 rep.products_deleted += 1
                 if got:
-                    rep.mismatches.append(f"{pid}: deleted, but {len(got)} vector(s) remain (versions {sorted({r['version'] for r in got})})")
+                    rep.mismatches.append(
+                        f"{pid}: deleted, but {len(got)} vector(s) remain (versions {sorted({r['version'] for r in got})})"
+                    )
                 continue
             rep.products_live += 1
             rep.vectors_expected += want.n_images
             versions = sorted({int(r["version"]) for r in got})
             indexes = sorted(int(r["image_index"]) for r in got)
             if indexes != list(range(want.n_images)):
-                rep.mismatches.append(f"{pid}: expected images 0..{want.n_images - 1} at v{want.version}, found images {indexes} at versions {versions}")
+                rep.mismatches.append(
+                    f"{pid}: expected images 0..{want.n_images - 1} at v{want.version}, found images {indexes} at versions {versions}"
+                )
             elif versions != [want.version]:
                 rep.mismatches.append(f"{pid}: expected version {want.version}, found {versions}")
             elif want.model_version and {r["model_version"] for r in got} != {want.model_version}:

@@ -64,6 +64,8 @@ _STAGES = (
     ("serve-search", "milvus client"),  # the search batcher: gRPC request and response parsing
     ("MainThread", "http"),  # uvicorn's event loop: HTTP, multipart, routing, JSON
 )
+
+
 def _stage(thread_name: str | None) -> str:
     return "native" if thread_name is None else next((st for prefix, st in _STAGES if thread_name.startswith(prefix)), "other")
 

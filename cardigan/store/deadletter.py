@@ -69,8 +69,27 @@ class DeadLetters:
         self._retention = retention_s
         self._on_drop = on_drop
 
-    def add(self, *, reason: str, kind: str, event: Any, field: str | None = None, attempts: int = 1, task_id: str | None = None, queue: str | None = None) -> DeadLetter:
-        dl = DeadLetter(id=uuid.uuid4().hex[:12], reason=reason, kind=kind, event=_jsonable(event), field=field, attempts=attempts, task_id=task_id, queue=queue)
+    def add(
+        self,
+        *,
+        reason: str,
+        kind: str,
+        event: Any,
+        field: str | None = None,
+        attempts: int = 1,
+        task_id: str | None = None,
+        queue: str | None = None,
+    ) -> DeadLetter:
+        dl = DeadLetter(
+            id=uuid.uuid4().hex[:12],
+            reason=reason,
+            kind=kind,
+            event=_jsonable(event),
+            field=field,
+            attempts=attempts,
+            task_id=task_id,
+            queue=queue,
+        )
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(_HASH, dl.id, json.dumps(asdict(dl)))
         pipe.zadd(_INDEX, {dl.id: dl.time})

@@ -230,7 +230,6 @@ class VersionGuard:
         return {pid: decode_record(v) for pid, v in self._r.hscan_iter(self._vkey(collection), count=1000)}
 
 
-
 def decode_record(value: Any) -> tuple[int, str]:
     """``"17:delete"`` → ``(17, "delete")``."""
     ver, _, kind = str(value).partition(":")

@@ -208,7 +208,9 @@ class Index:
         res = self._call("query", name, filter="", output_fields=["count(*)"], consistency_level="Strong")
         return int(res[0]["count(*)"]) if res else 0
 
-    def get(self, ids: Sequence[str], fields: Sequence[str], collection: str | None = None, *, consistency: str | None = None) -> list[dict[str, Any]]:
+    def get(
+        self, ids: Sequence[str], fields: Sequence[str], collection: str | None = None, *, consistency: str | None = None
+    ) -> list[dict[str, Any]]:
         """Rows by primary key: no filter string, so no injection and no scan."""
         if not ids:
             return []
@@ -224,7 +226,9 @@ class Index:
         """Every row, in pages (for verification and reindex)."""
         name = collection or self.alias
         self._load(name)
-        it = self.client.query_iterator(name, batch_size=batch, filter="", output_fields=fields or OUTPUT_FIELDS, consistency_level="Strong")
+        it = self.client.query_iterator(
+            name, batch_size=batch, filter="", output_fields=fields or OUTPUT_FIELDS, consistency_level="Strong"
+        )
         try:
             while page := it.next():
                 yield from page
