@@ -246,11 +246,13 @@ def _drawn_alike(looks: dict[str, _Look], planted: set[frozenset[str]]) -> set[f
 
 def product_vectors(
     products: Sequence[SyntheticProduct], encoder: Any, *, size: int, batch: int = 32
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Each product's image embeddings, colour signatures and structure descriptors, from crops
-    made exactly as the workers make them (the localiser included, for busy photos without a box)."""
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each product's image embeddings, colour signatures, structure descriptors and colour axes
+    (NaN where a crop has none), from crops made exactly as the workers make them (the localiser
+    included, for busy photos without a box)."""
     import torch
 
+    from cardigan.duplicates.axis import colour_axis
     from cardigan.duplicates.signature import colour_signature
     from cardigan.duplicates.structure import structure
     from cardigan.imaging.crop import preprocess_pixels
@@ -265,6 +267,8 @@ def product_vectors(
     vecs: list[np.ndarray] = []
     sigs: list[np.ndarray] = []
     sts: list[np.ndarray] = []
+    axes: list[np.ndarray] = []
+    nan = np.full(3, np.nan, np.float32)
     for i in range(0, len(flat), batch):
         pixels = [
             preprocess_pixels(img.data, img.bbox, size=size, max_pixels=40_000_000, localiser=localiser)[0]
@@ -272,17 +276,20 @@ def product_vectors(
         ]
         sigs += [colour_signature(px) for px in pixels]
         sts += [structure(px) for px in pixels]
+        axes += [nan if (ax := colour_axis(px)) is None else ax for px in pixels]
         vecs.append(encoder.embed(torch.stack([torch.from_numpy(normalise(px)) for px in pixels])))
     allv = np.concatenate(vecs) if vecs else np.empty((0, 512), np.float32)
     out: dict[str, list[np.ndarray]] = {}
     out_sig: dict[str, list[np.ndarray]] = {}
     out_st: dict[str, list[np.ndarray]] = {}
-    for (pid, _), v, g, st in zip(flat, allv, sigs, sts, strict=True):
+    out_ax: dict[str, list[np.ndarray]] = {}
+    for (pid, _), v, g, st, ax in zip(flat, allv, sigs, sts, axes, strict=True):
         out.setdefault(pid, []).append(v)
         out_sig.setdefault(pid, []).append(g)
         out_st.setdefault(pid, []).append(st)
+        out_ax.setdefault(pid, []).append(ax)
     stack = lambda d: {pid: np.stack(v) for pid, v in d.items()}  # noqa: E731
-    return stack(out), stack(out_sig), stack(out_st)
+    return stack(out), stack(out_sig), stack(out_st), stack(out_ax)
 
 
 def pair_scores(
@@ -293,13 +300,14 @@ def pair_scores(
     hits_per_image: int,
     radius: float,
     structures: dict[str, np.ndarray] | None = None,
+    axes: dict[str, np.ndarray] | None = None,
 ) -> dict[frozenset[str], float]:
     """Every pair's score as the detector computes it (cardigan/duplicates/score.best_pairs):
     each image's hits are its ``hits_per_image`` nearest images above ``radius`` (its own and
-    its product's included, as in the index), signatures and structure descriptors stored and
-    read back as the rows keep them. The detector checks the product written later; here each product is checked against
+    its product's included, as in the index), signatures, structure descriptors and colour axes
+    (NaN: none) stored and read back as the rows keep them. The detector checks the product written later; here each product is checked against
     all the others and a pair keeps the better of its two directions."""
-    from cardigan.duplicates import signature, structure
+    from cardigan.duplicates import axis, signature, structure
     from cardigan.duplicates.score import best_pairs
 
     ids = sorted(vectors)
@@ -311,6 +319,8 @@ def pair_scores(
                 crop[signature.SIG_KEY] = signature.encode(sigs[p][i])
             if structures is not None:
                 crop[structure.ST_KEY] = structure.encode(structures[p][i])
+            if axes is not None and np.all(np.isfinite(axes[p][i])):
+                crop[axis.AX_KEY] = axis.encode(axes[p][i])
             rows.append({"product_id": p, "image_index": i, "version": 1, "crop": crop})
     m = np.concatenate([vectors[p] for p in ids]).astype(np.float32)
     sims = m @ m.T
@@ -495,10 +505,10 @@ def _cache_key(model_version: str) -> str:
     (Before 2026-12-01 the key held the weights as given, so a checkpoint's path made subfolders.)"""
     import hashlib
 
-    from cardigan.duplicates import signature, structure
+    from cardigan.duplicates import axis, signature, structure
     from cardigan.imaging import crop
 
-    code = hashlib.sha1(b"".join(Path(m.__file__ or "").read_bytes() for m in (crop, signature, structure))).hexdigest()[:8]
+    code = hashlib.sha1(b"".join(Path(m.__file__ or "").read_bytes() for m in (crop, signature, structure, axis))).hexdigest()[:8]
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in model_version) + f"-code{code}"
 
 
@@ -517,6 +527,7 @@ def measure(
     hits_per_image: int | None = None,
     structure_slack: float | None = None,
     structure_floor: float | None = None,
+    axis_weight: float | None = None,
     pairs_png: Path | None = None,
 ) -> dict[str, Any]:
     """The whole measurement for one encoder: catalog, planted listings, scores, curve.
@@ -536,6 +547,7 @@ def measure(
         colour_weight=weight,
         structure_slack=d.structure_slack if structure_slack is None else structure_slack,
         structure_floor=d.structure_floor if structure_floor is None else structure_floor,
+        axis_weight=d.axis_weight if axis_weight is None else axis_weight,
     )
 
     t = time.perf_counter()
@@ -550,13 +562,20 @@ def measure(
         vecs = {f: z[f] for f in z.files if ":" not in f}
         sigs = {f[4:]: z[f] for f in z.files if f.startswith("sig:")}
         sts = {f[3:]: z[f] for f in z.files if f.startswith("st:")}
+        axes = {f[3:]: z[f] for f in z.files if f.startswith("ax:")}
     # no cache, or one from before signatures or structure descriptors (of this size)
-    if not vecs or not sigs or not sts or any(v.shape[1:] != (GRID, GRID) for v in sts.values()):
-        vecs, sigs, sts = product_vectors(catalog + planted.products, enc, size=image_size)
+    if not vecs or not sigs or not sts or not axes or any(v.shape[1:] != (GRID, GRID) for v in sts.values()):
+        vecs, sigs, sts, axes = product_vectors(catalog + planted.products, enc, size=image_size)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, **vecs, **{f"sig:{p}": g for p, g in sigs.items()}, **{f"st:{p}": g for p, g in sts.items()})
-    scores = pair_scores(vecs, sigs, scoring, hits_per_image=k, radius=lo, structures=sts)
+            np.savez(
+                cache,
+                **vecs,
+                **{f"sig:{p}": g for p, g in sigs.items()},
+                **{f"st:{p}": g for p, g in sts.items()},
+                **{f"ax:{p}": g for p, g in axes.items()},
+            )
+    scores = pair_scores(vecs, sigs, scoring, hits_per_image=k, radius=lo, structures=sts, axes=axes)
     thresholds = [lo + k * step for k in range(int(round((hi - lo) / step)) + 1)]
     points = curve(scores, planted, thresholds)
     best = choose(points)
@@ -567,7 +586,7 @@ def measure(
     return {
         "encoder": f"{backbone} weights={weights} size={image_size}",
         "scoring": f"colour_weight={weight} structure_slack={scoring.structure_slack} "
-        f"structure_floor={scoring.structure_floor} hits_per_image={k}",
+        f"structure_floor={scoring.structure_floor} axis_weight={scoring.axis_weight} hits_per_image={k}",
         "model_version": enc.model_version,
         "products": len(vecs),
         "images": sum(len(v) for v in vecs.values()),
@@ -600,11 +619,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hits-per-image", type=int, default=None, help="default: duplicates.hits_per_image")
     ap.add_argument("--structure-slack", type=float, default=None, help="default: duplicates.structure_slack (0: colour alone)")
     ap.add_argument("--structure-floor", type=float, default=None, help="default: duplicates.structure_floor")
+    ap.add_argument("--axis-weight", type=float, default=None, help="default: duplicates.axis_weight (0: no colour axis)")
     a = ap.parse_args(argv)
     res = measure(
         a.products, backbone=a.backbone, weights=a.weights, image_size=a.image_size, seed=a.seed, lo=a.lo, cache_dir=a.cache,
         colour_weight=a.colour_weight, hits_per_image=a.hits_per_image, structure_slack=a.structure_slack,
-        structure_floor=a.structure_floor, pairs_png=a.pairs_png,
+        structure_floor=a.structure_floor, axis_weight=a.axis_weight, pairs_png=a.pairs_png,
     )  # fmt: skip
     c, dflt = res["chosen"], res["default"]
     print(f"{res['encoder']} ({res['model_version']}), {res['scoring']}: {res['products']} products, {res['images']} images, "

@@ -16,7 +16,7 @@ from typing import Any
 
 from kombu import Connection
 
-from cardigan.duplicates import structure
+from cardigan.duplicates import axis, structure
 from cardigan.duplicates.groups import groups
 from cardigan.duplicates.pairs import PairStore
 from devkit.catalog import generate_catalog, render_product
@@ -60,7 +60,7 @@ def test_double_listings_are_found_dropped_on_modify_and_delete_and_rescanned(ns
     assert best["copy-1"].score > 0.995 and best["copy-1"].a_version == 1 and best["copy-1"].b_version == 1
     assert best["copy-2"].score > 0.995 and 0 in (best["copy-2"].a_image, best["copy-2"].b_image)
     assert store.lags(), "detection lag recorded"
-    # every row carries its colour signature and structure descriptor in the crop JSON: the same
+    # every row carries its colour signature, structure descriptor and colour axis in the crop JSON: the same
     # photo, the same ones, and they decode
     index = ns.index()
     rows = {pid: index.get_product(pid, 4) for pid in (a.product_id, "copy-1")}
@@ -69,6 +69,8 @@ def test_double_listings_are_found_dropped_on_modify_and_delete_and_rescanned(ns
     assert all(len(x) == 16 for x in sigs[a.product_id]) and sigs["copy-1"] == sigs[a.product_id]
     sts = {pid: [r["crop"]["st"] for r in rs] for pid, rs in rows.items()}
     assert sts["copy-1"] == sts[a.product_id] and all(structure.decode(x) is not None for x in sts["copy-1"])
+    axes = {pid: [r["crop"].get(axis.AX_KEY) for r in rs] for pid, rs in rows.items()}  # a flat crop has none
+    assert axes["copy-1"] == axes[a.product_id] and any(axis.decode(x) is not None for x in axes["copy-1"])
 
     # the CLI lists the group and shows a product's matches
     out = _cli(ns, "--json")

@@ -19,7 +19,7 @@ from typing import Any, cast
 import numpy as np
 import redis
 
-from cardigan.duplicates import signature, structure
+from cardigan.duplicates import axis, signature, structure
 from cardigan.errors import IndexRejected, PermanentError
 from cardigan.event import Event, ImageRef, parse_event, primary_key
 from cardigan.imaging.crop import preprocess_pixels
@@ -244,11 +244,13 @@ class Pipeline:
 
 def _crop_doc(img: ImageRef, crop: np.ndarray | ImageJob) -> dict[str, Any]:
     """The row's crop JSON: the bbox (a reindex crops again from it) and, when the crop was made
-    on this host, its colour signature and structure descriptor for double-listing detection
-    (cardigan/duplicates/signature.py, structure.py; a device-decoded crop never reaches the host,
-    so its rows go without them)."""
+    on this host, its colour signature, structure descriptor and colour axis for double-listing
+    detection (cardigan/duplicates/signature.py, structure.py, axis.py; a device-decoded crop
+    never reaches the host, so its rows go without them; a flat crop has no axis)."""
     doc: dict[str, Any] = {"bbox": list(img.bbox) if img.bbox else None}
     if isinstance(crop, np.ndarray):
         doc[signature.SIG_KEY] = signature.encode(signature.colour_signature(crop))
         doc[structure.ST_KEY] = structure.encode(structure.structure(crop))
+        if (ax := axis.colour_axis(crop)) is not None:
+            doc[axis.AX_KEY] = axis.encode(ax)
     return doc
