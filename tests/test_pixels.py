@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ from PIL import Image
 
 from cardigan.imaging.crop import normalise, preprocess, preprocess_pixels, to_pixels, to_tensor
 from config.settings import EncoderSettings
-from encoder import Encoder, build_encoder
 from encoder.encoder import autocast_dtype
 from encoder.pixels import PixelStager, normalise_on_device
+from tests.test_onnx_runtime import make
 
 pytestmark = pytest.mark.usefixtures("torch_rng_isolated", "one_torch_thread")  # tests/conftest.py
 
@@ -36,17 +35,6 @@ def photos(n: int, seed: int = 0) -> list[tuple[bytes, list[int] | None]]:
         img.save(buf, "JPEG", quality=90)
         out.append((buf.getvalue(), [w // 8, h // 8, w - 2, h - 3] if i % 3 == 0 else None))
     return out
-
-
-def make(cache: Path, **kw: Any) -> Encoder:
-    base: dict[str, Any] = {
-        "backbone": "mobilenet_v3_small",
-        "weights": "random",
-        "image_size": SIZE,
-        "device": "cpu",
-        "onnx_cache_dir": str(cache),
-    }
-    return build_encoder(EncoderSettings(**(base | kw)))
 
 
 @pytest.fixture(scope="module")
