@@ -146,7 +146,7 @@ class DuplicateSettings(BaseModel):
     # a relit photo's contrast moves its colour signature; the crop's colour axis (the direction its
     # pixels vary along: cardigan/duplicates/axis.py) does not move with exposure or contrast. The
     # charge is the smaller of the signature's and this x the axes' distance (0: the signature
-    # alone). Measured on six planted sets (README "Double listings"): recall at 0.94 +0.07-0.13,
+    # alone). Measured on six planted sets (README "Double listings"): recall at 0.94 +0.06-0.13,
     # precision >= 0.967 on each, no hard negative flagged; 0.6 finds a few more but leaves
     # precision 0.957 on two sets, 0.45 falls under 0.95 on one
     axis_weight: float = Field(0.8, ge=0.0)

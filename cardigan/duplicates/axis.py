@@ -9,7 +9,7 @@ item's own colour (its shading and seams run along it); for a print, the differe
 print's colours. Another shade or hue turns it.
 
 Measured on the planted sets (devkit/doubles.py): a double listing's two axes differ by a median of
-0.04-0.06 against 0.58-0.64 for other candidate pairs. The score (cardigan/duplicates/score.py)
+about 0.05, other candidate pairs by about 0.6. The score (cardigan/duplicates/score.py)
 charges the smaller of the colour-signature and the axis distances: a pair is one listing when
 either colour cue agrees.
 
