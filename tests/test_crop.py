@@ -125,6 +125,13 @@ def _close(found: tuple[int, int, int, int], expected: tuple[int, int, int, int]
     return all(abs(a - b) <= slack for a, b in zip(found, expected, strict=True))
 
 
+def _assert_trims_to(arr: np.ndarray, expected: tuple[int, int, int, int], slack: int) -> None:
+    """The array, saved as a JPEG photo, trims to ``expected`` within ``slack`` pixels."""
+    found = trim_box(_jpeg(Image.fromarray(arr)))
+    assert found is not None
+    assert _close(found[0], expected, slack=slack), found[0]
+
+
 def test_trim_finds_a_product_on_white() -> None:
     img = product_shot(box=(100, 80, 220, 200))
     found = trim_box(img)
@@ -192,9 +199,7 @@ def test_a_logo_on_a_plain_rectangular_product_keeps_the_product() -> None:
     arr = np.full((300, 400, 3), 255, np.uint8)
     arr[30:270, 30:370] = 120
     arr[130:170, 180:220] = 20  # the logo
-    found = trim_box(_jpeg(Image.fromarray(arr)))
-    assert found is not None
-    assert _close(found[0], (30, 30, 370, 270), slack=14)
+    _assert_trims_to(arr, (30, 30, 370, 270), slack=14)
 
 
 def test_watermark_text_does_not_stretch_the_trim() -> None:
@@ -213,9 +218,7 @@ def test_a_thin_part_touching_the_item_stays_in_the_box() -> None:
     arr = np.asarray(product_shot(box=(100, 100, 220, 220))).copy()
     arr[40:100, 150:153] = 30
     arr[40:43, 150:190] = 30
-    found = trim_box(_jpeg(Image.fromarray(arr)))
-    assert found is not None
-    assert _close(found[0], (100, 40, 220, 220), slack=8)
+    _assert_trims_to(arr, (100, 40, 220, 220), slack=8)
 
 
 def test_a_product_of_thin_strokes_is_still_trimmed() -> None:
@@ -224,9 +227,7 @@ def test_a_product_of_thin_strokes_is_still_trimmed() -> None:
     arr[80:83, 100:250] = 40
     arr[80:230, 100:103] = 40
     arr[228:231, 100:250] = 40
-    found = trim_box(_jpeg(Image.fromarray(arr)))
-    assert found is not None
-    assert _close(found[0], (100, 80, 250, 231), slack=8)
+    _assert_trims_to(arr, (100, 80, 250, 231), slack=8)
 
 
 def test_small_pieces_scattered_over_the_backdrop_stay_in_the_box() -> None:
@@ -237,9 +238,7 @@ def test_small_pieces_scattered_over_the_backdrop_stay_in_the_box() -> None:
     for y in range(40, 261, 44):
         for x in range(40, 361, 64):
             arr[y : y + 6, x : x + 6] = 30
-    found = trim_box(_jpeg(Image.fromarray(arr)))
-    assert found is not None
-    assert _close(found[0], (40, 40, 366, 266), slack=12), found[0]
+    _assert_trims_to(arr, (40, 40, 366, 266), slack=12)
 
 
 def test_busy_photo_is_centre_cropped() -> None:
