@@ -24,13 +24,19 @@ _STEP = 2  # every other pixel each way: 56×56 of a 224 crop, ~0.15 ms (all of 
 _DARK = 12.75  # added to r + g + b (uint8 units): near-black pixels do not swing the chromaticity
 
 
-def colour_signature(pixels: np.ndarray) -> np.ndarray:
-    """uint8 S×S×3 crop → 6 float32: mean and std of each chromaticity channel in the centre."""
+def centre_pixels(pixels: np.ndarray, step: int, who: str) -> np.ndarray:
+    """The central square of a uint8 S×S×3 crop (mostly the item), every ``step``-th pixel each
+    way, as N×3 uint8: what the colour cues (this signature, cardigan/duplicates/axis.py) read."""
     if pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"colour_signature takes an S×S×3 crop, got shape {pixels.shape}")
+        raise ValueError(f"{who} takes an S×S×3 crop, got shape {pixels.shape}")
     h, w = pixels.shape[:2]
     a, b = int(h * (1 - _CENTRE) / 2), int(w * (1 - _CENTRE) / 2)
-    c = pixels[a : h - a : _STEP, b : w - b : _STEP].reshape(-1, 3).astype(np.float32)
+    return pixels[a : h - a : step, b : w - b : step].reshape(-1, 3)
+
+
+def colour_signature(pixels: np.ndarray) -> np.ndarray:
+    """uint8 S×S×3 crop → 6 float32: mean and std of each chromaticity channel in the centre."""
+    c = centre_pixels(pixels, _STEP, "colour_signature").astype(np.float32)
     chroma = c / (c.sum(axis=1, keepdims=True) + _DARK)
     return np.concatenate([chroma.mean(axis=0), chroma.std(axis=0)]).astype(np.float32)
 

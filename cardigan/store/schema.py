@@ -14,7 +14,7 @@ DIM = 512  # encoder.model.EMBEDDING_DIM (tests/test_encoder.py checks they agre
 PK, VECTOR = "pk", "embedding"
 OUTPUT_FIELDS = ["pk", "product_id", "image_index", "image_uri", "crop", "version", "model_version", "attributes"]
 # what a similarity search returns: not the crop JSON, whose duplicate-detection descriptors
-# ("sig", "st": ~0.6 kB a row) no search reader uses, on every one of its k x 4 hits
+# ("sig", "st", "ax": ~0.6 kB a row) no search reader uses, on every one of its k x 4 hits
 SEARCH_FIELDS = [f for f in OUTPUT_FIELDS if f != "crop"]
 
 
