@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
+from devkit import doubles
 from devkit.catalog import _Look, generate_catalog
 from devkit.doubles import Planted, _drawn_alike, curve, plant, same_look
 
@@ -31,9 +34,13 @@ def test_drawn_alike_pairs_leave_out_the_planted_ones() -> None:
     assert alike == {frozenset(("a", "b")), frozenset(("b", "a-rephoto"))}
 
 
-def test_plant_keeps_drawn_alike_apart_from_the_truth() -> None:
+def test_plant_names_pairs_drawn_alike_and_keeps_them_apart_from_the_truth(monkeypatch: pytest.MonkeyPatch) -> None:
+    # two catalog products drawn with one look (small catalogs rarely draw such a pair by chance)
+    drawn = doubles._look
+    monkeypatch.setattr(doubles, "_look", lambda p: PINK if p.product_id in ("pr-0001", "pr-0002") else drawn(p))
     planted = plant(generate_catalog(12, seed=0, prefix="pr"), double_fraction=0.5, negative_fraction=0.3, seed=0)
     assert planted.positives and planted.negatives
+    assert frozenset(("pr-0001", "pr-0002")) in planted.drawn_alike
     assert not planted.drawn_alike & (set(planted.positives) | set(planted.negatives))
     ids = {p.product_id for p in planted.products} | {f"pr-{i:04d}" for i in range(1, 13)}
     assert all(pair <= ids for pair in planted.drawn_alike)
