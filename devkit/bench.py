@@ -973,11 +973,15 @@ def _add_events(rig: Rig) -> None:
 
 def _ceilings(rig: Rig, say: Callable[[str], None]) -> Ceilings:
     say("measuring the ceiling: model alone, then decode alone")
+    import torch
+
     from cardigan.imaging.localise import localiser_for
     from encoder import build_encoder
 
     base = rig.base
-    enc = build_encoder(base.encoder).load()
+    # the model alone on every core (the workers' ONNX Runtime leaves one to decode): the ceiling
+    # is what the machine's forward can do, not what the workers' split lets it
+    enc = build_encoder(base.encoder.model_copy(update={"onnx_threads": torch.get_num_threads()})).load()
     rig.localiser = localiser_for(enc, base.crop)  # the workers' crop of busy photos, in the ceiling too
     before = Ceiling.measure(enc, rig.pool.jpegs, base.limits.max_image_pixels, rig.localiser)
     fwd_torch: float | None = None

@@ -431,7 +431,8 @@ class Encoder:
                 fingerprint=self._fingerprint,
                 image_size=self.image_size,
                 cache_dir=cache_dir,
-                threads=torch.get_num_threads(),  # follows OMP_NUM_THREADS: the worker's thread split
+                # torch's threads follow OMP_NUM_THREADS: the worker's share of the cores
+                threads=s.onnx_threads or onnx_runtime.auto_threads(torch.get_num_threads()),
             )
         except Exception as e:  # noqa: BLE001 -- any failure: serve on torch, loudly
             log.warning("encoder.runtime=onnxruntime: falling back to torch: %s", e)

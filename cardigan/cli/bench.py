@@ -28,7 +28,10 @@ def bench(
     batch_wait_ms: float | None = typer.Option(None, "--batch-wait-ms", min=0, help="how long a batch waits to fill (default: settings)"),
     fetch_threads: int | None = typer.Option(None, "--fetch-threads", min=1, help="fetch+decode threads per worker (default: settings)"),
     torch_threads: int = typer.Option(
-        0, "--torch-threads", min=0, help="torch intra-op threads per worker; 0: torch's default (all cores)"
+        0,
+        "--torch-threads",
+        min=0,
+        help="torch intra-op threads per worker (ONNX Runtime takes one fewer, unless CARDIGAN_ENCODER__ONNX_THREADS says); 0: torch's default (all cores)",
     ),
     fresh_seconds: float = typer.Option(15.0, "--fresh-seconds", min=0, help="length of the half-load freshness run; 0 skips it"),
     naive: bool = typer.Option(True, "--naive/--no-naive", help="also run the unbatched pipeline"),
