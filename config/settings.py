@@ -55,9 +55,11 @@ class EncoderSettings(BaseModel):
     decode: Literal["cpu", "device"] = "cpu"
     # Where exported ONNX files are cached (one per model version and weights); empty: ~/.cache/cardigan/onnx
     onnx_cache_dir: str = ""
-    # ONNX Runtime's intra-op threads; 0: one fewer than the worker's share of the cores (torch's
-    # thread count, which `cardigan worker -p N` splits), at least 1 (encoder/onnx_runtime.py,
-    # auto_threads: a forward on every core stalls whenever decode or a co-located server takes one)
+    # ONNX Runtime's intra-op threads; 0: the worker's share of the cores (torch's thread count,
+    # which `cardigan worker -p N` splits). Fewer leaves cores to decode and to servers on the
+    # same host: 1 on 2 cores cost ~7 % less CPU per image and no stalls when Milvus Lite takes a
+    # core, but each forward takes twice as long, so a half-loaded live worker answers later
+    # (freshness p99 349 -> 1,264 ms): for bulk (reindex) workers (docs/performance.md)
     onnx_threads: int = Field(0, ge=0, le=1024)
 
     @field_validator("dtype", mode="before")

@@ -979,8 +979,8 @@ def _ceilings(rig: Rig, say: Callable[[str], None]) -> Ceilings:
     from encoder import build_encoder
 
     base = rig.base
-    # the model alone on every core (the workers' ONNX Runtime leaves one to decode): the ceiling
-    # is what the machine's forward can do, not what the workers' split lets it
+    # the model alone on every core, whatever CARDIGAN_ENCODER__ONNX_THREADS gives the workers:
+    # the ceiling is what the machine's forward can do
     enc = build_encoder(base.encoder.model_copy(update={"onnx_threads": torch.get_num_threads()})).load()
     rig.localiser = localiser_for(enc, base.crop)  # the workers' crop of busy photos, in the ceiling too
     before = Ceiling.measure(enc, rig.pool.jpegs, base.limits.max_image_pixels, rig.localiser)

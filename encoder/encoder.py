@@ -432,7 +432,7 @@ class Encoder:
                 image_size=self.image_size,
                 cache_dir=cache_dir,
                 # torch's threads follow OMP_NUM_THREADS: the worker's share of the cores
-                threads=s.onnx_threads or onnx_runtime.auto_threads(torch.get_num_threads()),
+                threads=s.onnx_threads or torch.get_num_threads(),
             )
         except Exception as e:  # noqa: BLE001 -- any failure: serve on torch, loudly
             log.warning("encoder.runtime=onnxruntime: falling back to torch: %s", e)

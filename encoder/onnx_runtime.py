@@ -77,23 +77,9 @@ def export(net: nn.Module, path: Path, image_size: int) -> None:
         raise
 
 
-def auto_threads(share: int) -> int:
-    """Intra-op threads for a worker whose share of the cores is ``share`` (torch's thread count,
-    from OMP_NUM_THREADS: ``cardigan worker -p N`` splits the cores): one fewer, at least 1.
-
-    Why: the worker also decodes and crops on the CPU, and on one host Milvus Lite, Valkey and
-    the S3 server run beside it. A forward that uses every core waits at each parallel loop's end
-    for the thread that another process or a decode thread has just taken the core from, and
-    that wait costs CPU. On the 2-core bench machine one thread instead of two kept the images
-    per second, used ~7 % less CPU per image, and double-listing detection stopped adding 4-5 ms
-    of the worker's CPU per image (docs/performance.md, "One ONNX Runtime thread fewer than the
-    cores")."""
-    return max(1, share - 1)
-
-
 def session_options(threads: int) -> ort.SessionOptions:
-    """``threads`` intra-op threads (``EncoderSettings.onnx_threads``, else ``auto_threads``),
-    one inter-op thread, ops in sequence."""
+    """``threads`` intra-op threads (``EncoderSettings.onnx_threads``, else the worker's share of
+    the cores), one inter-op thread, ops in sequence."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()

@@ -87,16 +87,15 @@ def test_batch_sizes_other_than_the_export_and_empty(on_ort: Encoder, on_torch: 
         on_ort.embed(torch.zeros(2, 3, SIZE + 1, SIZE + 1))
 
 
-def test_session_threads_leave_a_core_of_the_split(on_ort: Encoder, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_session_threads_follow_the_split_unless_set(on_ort: Encoder, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker's share of the cores (OMP_NUM_THREADS, set by `cardigan worker -p N`) is
-    torch's thread count; ONNX Runtime takes one fewer, at least 1, unless told how many."""
-    assert [onnx_runtime.auto_threads(n) for n in (1, 2, 3, 8)] == [1, 1, 2, 7]
+    torch's thread count, and ONNX Runtime's unless ``onnx_threads`` says otherwise."""
     so = on_ort._ort.get_session_options()
-    assert so.intra_op_num_threads == 1 and torch.get_num_threads() == 1  # one_torch_thread
+    assert so.intra_op_num_threads == torch.get_num_threads() == 1  # one_torch_thread
     assert so.inter_op_num_threads == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # a share of 4 cores
-    assert make(cache).load()._ort.get_session_options().intra_op_num_threads == 3
-    assert make(cache, onnx_threads=2).load()._ort.get_session_options().intra_op_num_threads == 2
+    assert make(cache).load()._ort.get_session_options().intra_op_num_threads == 4
+    assert make(cache, onnx_threads=3).load()._ort.get_session_options().intra_op_num_threads == 3
     with pytest.raises(ValueError, match="onnx_threads"):
         EncoderSettings(onnx_threads=-1)
 

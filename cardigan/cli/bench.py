@@ -31,7 +31,7 @@ def bench(
         0,
         "--torch-threads",
         min=0,
-        help="torch intra-op threads per worker (ONNX Runtime takes one fewer, unless CARDIGAN_ENCODER__ONNX_THREADS says); 0: torch's default (all cores)",
+        help="torch intra-op threads per worker (ONNX Runtime's too, unless CARDIGAN_ENCODER__ONNX_THREADS says); 0: torch's default (all cores)",
     ),
     fresh_seconds: float = typer.Option(15.0, "--fresh-seconds", min=0, help="length of the half-load freshness run; 0 skips it"),
     naive: bool = typer.Option(True, "--naive/--no-naive", help="also run the unbatched pipeline"),
