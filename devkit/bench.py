@@ -96,6 +96,7 @@ class BenchOptions:
     soak: int = 0  # events of the RSS soak; 0 skips it
     duplicates: bool = True  # also index the events with and without double-listing detection (CPU cost)
     s3: str = "rclone"  # the S3 server on the box (rclone or moto), or folder (file:// URIs)
+    milvus: str = "lite"  # Milvus Lite, or server: the real standalone server (devkit/milvus_server.py)
     seed: int = 0
     data_dir: Path | None = None  # default: a temporary directory, removed afterwards
     profile: bool = False  # report the workers' CPU time per stage (thread group)
@@ -819,6 +820,7 @@ class BenchResult:
     prefetch_multiplier: int
     torch_threads: int | None
     s3: str
+    milvus: str
     cpu_count: int | None
     load_avg_start: float
     load_avg_end: float
@@ -927,7 +929,7 @@ class Ceilings:
 
 
 def _check(opts: BenchOptions) -> None:
-    from devkit.stack import S3_MODES
+    from devkit.stack import MILVUS_MODES, S3_MODES
 
     if opts.events < 1:
         raise BenchError("--events must be at least 1")
@@ -935,6 +937,8 @@ def _check(opts: BenchOptions) -> None:
         raise BenchError(f"--runtime must be torch or onnxruntime, not {opts.runtime!r}")
     if opts.s3 not in S3_MODES:
         raise BenchError(f"--s3 must be one of {', '.join(S3_MODES)}, not {opts.s3!r}")
+    if opts.milvus not in MILVUS_MODES:
+        raise BenchError(f"--milvus must be one of {', '.join(MILVUS_MODES)}, not {opts.milvus!r}")
 
 
 def _rig(opts: BenchOptions, cleanup: contextlib.ExitStack, say: Callable[[str], None]) -> Rig:
@@ -946,7 +950,7 @@ def _rig(opts: BenchOptions, cleanup: contextlib.ExitStack, say: Callable[[str],
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     say(f"stack in {root}")
-    stack = Stack(root / "stack", s3=opts.s3)  # type: ignore[arg-type]
+    stack = Stack(root / "stack", s3=opts.s3, milvus=opts.milvus)  # type: ignore[arg-type]
     info = cleanup.enter_context(stack.running(timeout=120))
     stack_env = info.env()
     os.environ.update({k: v for k, v in stack_env.items() if k.startswith("AWS_")})  # boto3's chain, for the upload
@@ -1120,6 +1124,7 @@ def _result(
         prefetch_multiplier=base.worker.prefetch_multiplier,
         torch_threads=opts.torch_threads or None,
         s3=opts.s3,
+        milvus=opts.milvus,
         cpu_count=os.cpu_count(),
         load_avg_start=rig.load_start,
         load_avg_end=_load_avg(),

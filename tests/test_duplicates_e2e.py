@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+import pytest
 from kombu import Connection
 
 from cardigan.duplicates import axis, structure
@@ -39,6 +40,7 @@ def _members(store: PairStore) -> set[tuple[str, ...]]:
     return {g.members for g in groups(store.all_pairs())}
 
 
+@pytest.mark.real_milvus
 def test_double_listings_are_found_dropped_on_modify_and_delete_and_rescanned(ns: Namespace) -> None:
     tag = ns.settings.collection
     ns.set_env(CARDIGAN_DUPLICATES__THRESHOLD="0.995", CARDIGAN_DUPLICATES__EVENTS_QUEUE=f"dups.{tag}", CARDIGAN_DUPLICATES__POLL_MS="50")

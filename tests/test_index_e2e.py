@@ -63,6 +63,7 @@ def converge(ns: Namespace, expected: dict[str, Expected | None], timeout: float
         pytest.fail("index differs from the expected state:\n" + "\n".join(last.mismatches[:20]))
 
 
+@pytest.mark.real_milvus
 def test_e2e_add_modify_delete(ns: Namespace) -> None:
     ns.start_worker()
     ns.publish([add(ns, "sku-1", 1, 3), add(ns, "sku-2", 1, 2)])
@@ -107,6 +108,7 @@ def test_e2e_duplicates_and_out_of_order_converge(ns: Namespace) -> None:
     converge(ns, expected)
 
 
+@pytest.mark.real_milvus
 def test_e2e_concurrent_modify_and_delete_two_workers(ns: Namespace) -> None:
     ns.start_worker()
     ns.start_worker()

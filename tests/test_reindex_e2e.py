@@ -218,6 +218,7 @@ def test_reindex_interrupted_resumes_without_duplicates(ns: Namespace) -> None:
     converge(ns, cat.with_model(model(ns, 0)))
 
 
+@pytest.mark.real_milvus
 def test_reindex_under_live_traffic_new_model_switches_once(ns: Namespace) -> None:
     s = ns.settings
     port = free_port()

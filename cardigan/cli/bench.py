@@ -39,6 +39,9 @@ def bench(
     s3: str = typer.Option(
         "rclone", "--s3", help="S3 server on this machine: rclone (Go, ~0.5 ms CPU per GET) or moto (Python, ~2.3 ms); folder: file:// URIs"
     ),
+    milvus: str = typer.Option(
+        "lite", "--milvus", help="lite (Milvus Lite, Python) or server (the real standalone Milvus from the milvus wheel, C++)"
+    ),
     pool: int = typer.Option(200, "--pool", min=1, help="distinct products rendered (events reuse their photos)"),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="keep the stack and worker logs here (default: a temporary folder)"),
     profile: bool = typer.Option(False, "--profile", help="also report the workers' CPU time per stage"),
@@ -57,7 +60,7 @@ def bench(
     opts = bm.BenchOptions(
         events=events, model=model, weights=weights, device=device, image_size=image_size, workers=workers, concurrency=concurrency,
         prefetch=prefetch, batch_size=batch_size, batch_wait_ms=batch_wait_ms, fetch_threads=fetch_threads,
-        torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, pool=pool, data_dir=data_dir,
+        torch_threads=torch_threads, fresh_seconds=fresh_seconds, naive=naive, soak=soak_events, s3=s3, milvus=milvus, pool=pool, data_dir=data_dir,
         profile=profile, runtime=runtime, compare_torch=compare_torch, duplicates=duplicates,
     )  # fmt: skip
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err)

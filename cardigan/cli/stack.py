@@ -49,7 +49,7 @@ def _choices(data_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def make_stack(data_dir: Path | None, *, s3: str | None = None, flower: bool | None = None) -> Stack:
+def make_stack(data_dir: Path | None, *, s3: str | None = None, flower: bool | None = None, milvus: str | None = None) -> Stack:
     """A Stack for ``data_dir`` with the given flags, else the ones remembered from ``up``."""
     sk = require_devkit("devkit.stack", "stack")
     d = (data_dir or default_data_dir()).absolute()
@@ -59,7 +59,11 @@ def make_stack(data_dir: Path | None, *, s3: str | None = None, flower: bool | N
         err_console.print(f"[red]error:[/] --s3 must be one of {', '.join(sk.S3_MODES)}, not {mode!r}")
         raise typer.Exit(2)
     use_flower = flower if flower is not None else bool(remembered.get("flower", False))
-    return sk.Stack(d, s3=mode, flower=use_flower)  # type: ignore[arg-type]
+    kind = milvus or remembered.get("milvus") or "lite"
+    if kind not in sk.MILVUS_MODES:
+        err_console.print(f"[red]error:[/] --milvus must be one of {', '.join(sk.MILVUS_MODES)}, not {kind!r}")
+        raise typer.Exit(2)
+    return sk.Stack(d, s3=mode, flower=use_flower, milvus=kind)  # type: ignore[arg-type]
 
 
 def export_lines(env: dict[str, str]) -> str:
@@ -75,10 +79,16 @@ def up(
     s3: str | None = typer.Option(
         None, "--s3", help="moto (S3 server, Python), rclone (S3 server, Go: faster, objects kept as files) or folder (file:// images)"
     ),
+    milvus: str | None = typer.Option(
+        None,
+        "--milvus",
+        help="lite (Milvus Lite: Python, the default) or server (the real standalone Milvus 2.3.5 from the milvus wheel, "
+        "auth on; it listens on every interface, so use it behind a firewall)",
+    ),
     timeout: float = typer.Option(90, "--timeout", min=1, help="seconds to wait for every server to answer"),
 ) -> None:
     """Start (or reuse) the servers and print how to reach them."""
-    st = make_stack(data_dir, s3=s3, flower=flower)
+    st = make_stack(data_dir, s3=s3, flower=flower, milvus=milvus)
     from devkit.stack import StackError
 
     before = {name for name, s in st.status().items() if s["running"]}
@@ -88,7 +98,7 @@ def up(
         err_console.print(f"[red]error:[/] {e.reason}")
         err_console.print(f"logs: {st.log_dir}; `cardigan stack down --data-dir {st.data_dir}` stops what did start")
         raise typer.Exit(1) from None
-    (st.data_dir / _CHOICES_FILE).write_text(json.dumps({"s3": st.s3, "flower": st.flower}) + "\n")
+    (st.data_dir / _CHOICES_FILE).write_text(json.dumps({"s3": st.s3, "flower": st.flower, "milvus": st.milvus}) + "\n")
     reused = sorted(before & set(st.services))
     # CARDIGAN_STACK_DIR too: later `cardigan stack status|down` in that shell find these servers
     env = {**info.env(), "CARDIGAN_STACK_DIR": str(st.data_dir)}
@@ -108,7 +118,7 @@ def up(
 
 def _public_env(env: dict[str, str]) -> dict[str, str]:
     """The env without secrets (JSON output may end up in logs); the export lines have them."""
-    return {k: v for k, v in env.items() if "PASSWORD" not in k and "SECRET" not in k}
+    return {k: v for k, v in env.items() if "PASSWORD" not in k and "SECRET" not in k and "TOKEN" not in k}
 
 
 @stack_app.command("down")

@@ -53,6 +53,19 @@ def classify(op: str, collection: str, exc: BaseException) -> CardiganError:
     return IndexUnavailable(f"Milvus {op} on {collection} failed: {type(exc).__name__}: {exc}")
 
 
+def _refused_credentials(exc: BaseException) -> bool:
+    """Whether a failed connect was the server refusing our token (gRPC UNAUTHENTICATED underneath)."""
+    seen: BaseException | None = exc
+    visited: set[int] = set()
+    while seen is not None and id(seen) not in visited:
+        visited.add(id(seen))
+        code = getattr(seen, "code", None)
+        if callable(code) and getattr(code(), "name", "") == "UNAUTHENTICATED":
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def collection_name(alias: str, n: int) -> str:
     return f"{alias}_v{n}"
 
@@ -92,6 +105,11 @@ class Index:
         try:
             self.client = MilvusClient(**kw)
         except MilvusException as e:
+            if _refused_credentials(e):  # pymilvus says "fail connecting" for a wrong or missing token too
+                raise IndexUnavailable(
+                    f"Milvus at {redact_url(uri)} refused the credentials: set CARDIGAN_MILVUS_TOKEN to user:password "
+                    "(or an API key) that this server accepts"
+                ) from e
             raise IndexUnavailable(f"Milvus at {redact_url(uri)} unreachable: {e.message}") from e
         except Exception as e:  # grpc connection errors surface as plain exceptions
             raise IndexUnavailable(f"Milvus at {redact_url(uri)} unreachable: {e}") from e
