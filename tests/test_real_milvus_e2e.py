@@ -8,6 +8,7 @@ marked ``real_milvus`` runs on Milvus Lite and on this server (tests/conftest.py
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,3 +77,32 @@ def test_a_real_server_is_not_taken_for_lite_and_its_range_search_keeps_only_clo
         for c in ix.collections():
             ix.drop(c)
         ix.close()
+
+
+def test_stack_cli_runs_the_real_server_with_a_token_remembers_it_and_refuses_to_swap_it(tmp_path: Path) -> None:
+    from tests.test_stack_cli_e2e import cardigan, exports, gone, status_json, up_json
+
+    data_dir = tmp_path / "stack"
+    try:
+        info = up_json(data_dir, "--milvus", "server", "--s3", "folder")
+        assert "CARDIGAN_MILVUS_TOKEN" not in info["env"]  # JSON may end up in logs: no secrets in it
+        again = cardigan("stack", "up", "--data-dir", str(data_dir))  # the choice is remembered
+        assert again.returncode == 0, again.stderr
+        env = exports(again.stdout)
+        assert env["CARDIGAN_MILVUS_URI"] == info["milvus_uri"] and env["CARDIGAN_MILVUS_TOKEN"].startswith("root:")
+        secret = data_dir / "run" / "milvus.secret"
+        assert secret.stat().st_mode & 0o077 == 0 and env["CARDIGAN_MILVUS_TOKEN"] == "root:" + secret.read_text().strip()
+        ix = Index(env["CARDIGAN_MILVUS_URI"], token=env["CARDIGAN_MILVUS_TOKEN"], alias="t_cli")
+        assert not ix.is_lite()
+        ix.close()
+        swap = cardigan("stack", "up", "--data-dir", str(data_dir), "--milvus", "lite")
+        said = " ".join(swap.stderr.split())  # rich wraps long lines
+        assert swap.returncode == 1 and "runs Milvus server, not lite" in said and "cardigan stack down" in said, said
+        rc, status = status_json(data_dir)
+        milvus = status["services"]["milvus"]
+        assert rc == 0 and milvus["healthy"], status
+        pid = milvus["pid"]
+    finally:
+        down = cardigan("stack", "down", "--data-dir", str(data_dir))
+    assert down.returncode == 0, down.stderr
+    assert gone(pid)

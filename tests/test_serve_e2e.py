@@ -26,9 +26,11 @@ from tests.serve_harness import DUPLICATE_THRESHOLD, MAX_BYTES, TOKEN, Served, s
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def sv(stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    with served(stack_env, tmp_path_factory.mktemp("serve")) as s:
+@pytest.fixture(scope="module", params=["lite", pytest.param("server", marks=pytest.mark.real_milvus)])
+def sv(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The service over Milvus Lite, then over the real server (filters, range reads, auth)."""
+    env = request.getfixturevalue("server_stack_env" if request.param == "server" else "stack_env")
+    with served(env, tmp_path_factory.mktemp("serve")) as s:
         yield s
 
 
