@@ -42,8 +42,12 @@ def _package_dir() -> Path:
 
 
 def cache_dir() -> Path:
+    """Per installed release: another wheel version unpacks beside, never over, this one."""
+    _package_dir()
+    import milvus
+
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "cardigan" / f"milvus-server-{VERSION}"
+    return base / "cardigan" / f"milvus-server-{getattr(milvus, '__version__', VERSION)}"
 
 
 def binaries() -> Path:
