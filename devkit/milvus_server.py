@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
-import hashlib
 import lzma
 import os
 import shutil
@@ -68,14 +67,12 @@ def binaries() -> Path:
             tmp = cache_dir() / f"bin.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            digest = hashlib.sha256()
             for packed in sorted(src.glob("*.lzma")):
                 target = tmp / packed.name[: -len(".lzma")]
                 with lzma.open(packed) as f_in, open(target, "wb") as f_out:
                     shutil.copyfileobj(f_in, f_out, 1 << 20)
                 target.chmod(0o755)
-                digest.update(packed.name.encode())
-            (tmp / ".complete").write_text(digest.hexdigest() + "\n")
+            (tmp / ".complete").write_text(f"{sorted(p.name for p in tmp.iterdir())}\n")  # written last: the unpack finished
             shutil.rmtree(bin_dir, ignore_errors=True)
             tmp.rename(bin_dir)
     return bin_dir / "milvus"

@@ -14,15 +14,25 @@ from tests.harness import Namespace, new_namespace
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Hardware-bound tests (marker ``cuda``) run where a GPU is and are deselected elsewhere."""
+    """Hardware-bound tests (marker ``cuda``) run where a GPU is and are deselected elsewhere.
+
+    Tests on the real Milvus server run last, together: the server's coordinators use ~5-10 % of
+    a core even when idle, so it is started late (a session fixture) rather than kept up for the
+    whole suite.
+    """
     import torch
 
-    if torch.cuda.is_available():
-        return
-    gpu = [i for i in items if i.get_closest_marker("cuda")]
-    if gpu:
-        config.hook.pytest_deselected(items=gpu)
-        items[:] = [i for i in items if not i.get_closest_marker("cuda")]
+    if not torch.cuda.is_available():
+        gpu = [i for i in items if i.get_closest_marker("cuda")]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [i for i in items if not i.get_closest_marker("cuda")]
+    items.sort(key=_on_the_real_server)  # stable: the order within each part is kept
+
+
+def _on_the_real_server(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "server_stack_env" in getattr(item, "fixturenames", ()) or any(isinstance(v, str) and v == "server" for v in params.values())
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
