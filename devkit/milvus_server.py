@@ -24,19 +24,21 @@ import shutil
 import socket
 from pathlib import Path
 
+from devkit.stack import StackError
+
 VERSION = "2.3.5"
 DEFAULT_ROOT_PASSWORD = "Milvus"  # what every Milvus starts with; the stack changes it at once
 
 
-class MissingServer(RuntimeError):
-    """The ``milvus`` wheel is not installed."""
+class MissingServer(StackError):
+    """The ``milvus`` wheel is not installed (``cardigan stack up`` prints this and exits 1)."""
 
 
 def _package_dir() -> Path:
     try:
         import milvus
     except ImportError as e:
-        raise MissingServer(f"the real Milvus server needs the milvus wheel: pip install 'milvus=={VERSION}'") from e
+        raise MissingServer(f"--milvus server needs the milvus wheel: pip install 'milvus=={VERSION}' (or use --milvus lite)") from e
     return Path(milvus.__file__).parent
 
 
