@@ -151,6 +151,11 @@ def _embed_etcd_on(base: Path, client_port: int, peer_port: int) -> None:
     yaml.write_text(text.replace(anchor, f"  config:\n    path: {etcd_conf}\n{anchor}", 1))
 
 
+def _b64(text: str) -> str:
+    """Milvus's wire form for credentials (the authorization header and UpdateCredential's passwords)."""
+    return base64.b64encode(text.encode()).decode()
+
+
 def _call(port: int, token: str, method: str, request: object, timeout: float) -> object:
     """One raw gRPC call over a throwaway channel with ``token`` (``user:password``) as its credentials.
 
@@ -160,7 +165,7 @@ def _call(port: int, token: str, method: str, request: object, timeout: float) -
     import grpc
     from pymilvus.grpc_gen import milvus_pb2_grpc
 
-    auth = (("authorization", base64.b64encode(token.encode()).decode()),)
+    auth = (("authorization", _b64(token)),)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = milvus_pb2_grpc.MilvusServiceStub(channel)
         return getattr(stub, method)(request, timeout=timeout, metadata=auth)
@@ -175,10 +180,7 @@ def set_root_password(port: int, password: str, timeout: float = 30.0) -> None:
     import grpc
     from pymilvus.grpc_gen import milvus_pb2
 
-    def b64(text: str) -> str:
-        return base64.b64encode(text.encode()).decode()
-
-    change = milvus_pb2.UpdateCredentialRequest(username="root", oldPassword=b64(DEFAULT_ROOT_PASSWORD), newPassword=b64(password))
+    change = milvus_pb2.UpdateCredentialRequest(username="root", oldPassword=_b64(DEFAULT_ROOT_PASSWORD), newPassword=_b64(password))
     try:
         status = _call(port, f"root:{DEFAULT_ROOT_PASSWORD}", "UpdateCredential", change, timeout)
         if getattr(status, "code", 1) == 0:
