@@ -23,6 +23,7 @@ import os
 import shutil
 import socket
 from pathlib import Path
+from types import ModuleType
 
 from devkit.stack import StackError
 
@@ -34,21 +35,19 @@ class MissingServer(StackError):
     """The ``milvus`` wheel is not installed (``cardigan stack up`` prints this and exits 1)."""
 
 
-def _package_dir() -> Path:
+def _package() -> ModuleType:
+    """The ``milvus`` wheel, or a MissingServer that says how to install it."""
     try:
         import milvus
     except ImportError as e:
         raise MissingServer(f"--milvus server needs the milvus wheel: pip install 'milvus=={VERSION}' (or use --milvus lite)") from e
-    return Path(milvus.__file__).parent
+    return milvus
 
 
 def cache_dir() -> Path:
     """Per installed release: another wheel version unpacks beside, never over, this one."""
-    _package_dir()
-    import milvus
-
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "cardigan" / f"milvus-server-{getattr(milvus, '__version__', VERSION)}"
+    return base / "cardigan" / f"milvus-server-{getattr(_package(), '__version__', VERSION)}"
 
 
 def binaries() -> Path:
@@ -57,16 +56,17 @@ def binaries() -> Path:
     Unpacked into a temporary folder and renamed, under a lock: two test sessions or a stack and
     a bench starting together neither unpack twice nor run a half-written library.
     """
-    bin_dir = cache_dir() / "bin"
-    src = _package_dir() / "data" / "bin"
+    cache = cache_dir()
+    bin_dir = cache / "bin"
     stamp = bin_dir / ".complete"
     if stamp.exists():
         return bin_dir / "milvus"
-    cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / ".lock", "w") as lock:
+    src = Path(_package().__file__ or "").parent / "data" / "bin"
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not stamp.exists():
-            tmp = cache_dir() / f"bin.tmp{os.getpid()}"
+            tmp = cache / f"bin.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             for packed in sorted(src.glob("*.lzma")):
@@ -99,11 +99,8 @@ def prepare(base: Path, port: int, *, auth: bool = True) -> tuple[list[str], dic
     The wheel's own launcher picks ports by counting up from the defaults (2379, 19530, ...),
     which two servers on one machine race for; here every port is one the kernel just gave out.
     """
-    _package_dir()
-    from milvus import MilvusServerConfig
-
     base = base.absolute()
-    config = MilvusServerConfig(data_dir=str(base))
+    config = _package().MilvusServerConfig(data_dir=str(base))
     keys = [key for key in config.configurable_items if key.endswith("_port") and key != "proxy_port"]
     *chosen, peer_port, metrics_port = _free_ports(len(keys) + 2, besides=port)
     ports = dict(zip(keys, chosen, strict=True))
